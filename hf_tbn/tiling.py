@@ -1,0 +1,148 @@
+"""The Tiled Bit Network math (DESIGN.md section 1), in one place.
+
+Everything that tiles, binarizes, packs or computes with a tile goes through this module:
+the layers, the kernels' references and the microcontroller exporter.
+
+Conventions
+-----------
+A layer's weight is taken in its logical orientation ``(out, in[, k...])``, flattened
+row-major and viewed as ``(p, L)`` with ``L = numel / p``. Because ``p`` divides ``out``,
+row ``i`` of that view is the block of output rows ``[i * out/p, (i + 1) * out/p)``.
+
+Bit order of a packed tile (part of the checkpoint format): element ``j`` of the tile is
+bit ``j % 8`` (least significant bit first) of byte ``j // 8``; a set bit is ``+1``, a clear
+bit is ``-1``; the padding bits of the last byte are zero. A tile of length ``L`` takes
+``ceil(L / 8)`` bytes (``torch.uint8``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+AlphaMode = Literal["per_tile", "per_layer"]
+ALPHA_MODES: tuple[str, ...] = ("per_tile", "per_layer")
+
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def tile_length(numel: int, p: int) -> int:
+    """Length ``L = numel / p`` of the tile of a weight with ``numel`` elements."""
+    return numel // p
+
+
+def aggregate_sign(w: torch.Tensor, p: int) -> torch.Tensor:
+    """The tile ``t`` (values +-1, shape ``(L,)``): sign of the sum over the ``p`` copies.
+
+    Zero maps to -1 (DESIGN.md section 1, step 3). No gradient: see :func:`tiled_sign`.
+    """
+    s = w.reshape(p, -1).sum(dim=0)
+    return torch.where(s > 0, 1.0, -1.0).to(w.dtype)
+
+
+class _TiledSign(torch.autograd.Function):
+    """``B = tile(t, p)`` with the identity straight-through backward (authors' code)."""
+
+    @staticmethod
+    def forward(ctx, w_view: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        p = w_view.shape[0]
+        return aggregate_sign(w_view, p).expand(p, -1).clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad
+
+
+def tiled_sign(w: torch.Tensor, p: int) -> torch.Tensor:
+    """``B`` as a ``(p, L)`` tensor of +-1 whose gradient flows to ``w`` unchanged."""
+    return _TiledSign.apply(w.reshape(p, -1))
+
+
+def alphas(w: torch.Tensor, p: int, mode: AlphaMode = "per_tile") -> torch.Tensor:
+    """The ``p`` scales computed from the latent weight (differentiable).
+
+    ``per_tile``: ``alpha_i = mean(|W_i|)`` over copy ``i``; ``per_layer``: one
+    ``mean(|W|)`` repeated ``p`` times, so both modes store and apply ``p`` scales.
+    """
+    if mode == "per_tile":
+        return w.reshape(p, -1).abs().mean(dim=1)
+    if mode == "per_layer":
+        return w.abs().mean().expand(p)
+    raise ValueError(f"alpha_mode must be one of {ALPHA_MODES}, got {mode!r}")
+
+
+def effective_weight(w: torch.Tensor, p: int, mode: AlphaMode = "per_tile") -> torch.Tensor:
+    """``W_hat`` in ``w``'s shape: the training-time weight, differentiable w.r.t. ``w``."""
+    b = tiled_sign(w, p)
+    return (alphas(w, p, mode).unsqueeze(1) * b).reshape(w.shape)
+
+
+def dequantize(tile: torch.Tensor, alpha: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Dense ``W_hat`` from a +-1 tile ``(L,)`` and ``p`` scales (no gradient path to a latent)."""
+    return (alpha.unsqueeze(1) * tile.to(alpha.dtype).unsqueeze(0)).reshape(shape)
+
+
+def pack_bits(tile: torch.Tensor) -> torch.Tensor:
+    """Pack a +-1 (or boolean, True = +1) vector into ``ceil(L / 8)`` uint8, LSB first."""
+    bits = (tile > 0).to(torch.uint8).flatten()
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    shifts = _BIT_SHIFTS.to(bits.device)
+    return (bits.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``length`` values of +-1 in ``dtype``."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"packed tile must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.numel() != packed_nbytes(length):
+        raise ValueError(f"packed tile has {packed.numel()} bytes, a tile of {length} bits needs {packed_nbytes(length)}")
+    shifts = _BIT_SHIFTS.to(packed.device)
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    return bits.flatten()[:length].to(dtype) * 2 - 1
+
+
+def packed_nbytes(length: int) -> int:
+    """Bytes of a packed tile of ``length`` bits."""
+    return math.ceil(length / 8)
+
+
+def bits_per_weight(numel: int, p: int, scale_bits: int = 32) -> float:
+    """Storage cost of a tiled layer: ``1/p`` for the tile plus ``p`` scales over ``numel``.
+
+    Counts the tile in whole bytes, as it is stored; the paper's ``1/p + 32p/N`` is the
+    same up to the at most 7 padding bits.
+    """
+    return (8 * packed_nbytes(tile_length(numel, p)) + scale_bits * p) / numel
+
+
+def resolve_factor(out_features: int, numel: int, p: int, min_compress_size: int, groups: int = 1) -> int:
+    """The layer's own factor: the largest ``p' <= p`` dividing ``out_features``.
+
+    Layers with fewer than ``min_compress_size`` weights get ``p' = 1`` (binary), as in the
+    paper; keeping ``p'`` a divisor of the output dimension keeps every tile copy a block of
+    whole output rows, the case the compute-reuse forward needs. For grouped convolutions
+    ``p'`` and ``groups`` must also divide one another, so a copy spans whole groups or
+    lies inside one.
+    """
+    if numel < min_compress_size:
+        return 1
+    return max(
+        d for d in range(1, min(p, out_features) + 1)
+        if out_features % d == 0 and (groups % d == 0 or d % groups == 0)
+    )
+
+
+def tiled_outputs(y_tile: torch.Tensor, alpha: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The compute-reuse identity: ``T.x`` computed once, written ``p`` times scaled.
+
+    ``y_tile`` holds the ``out/p`` outputs of the tile along ``dim``; the result holds the
+    ``out`` outputs, block ``i`` being ``alpha_i * y_tile``.
+    """
+    dim = dim % y_tile.dim()
+    p = alpha.numel()
+    y = y_tile.unsqueeze(dim) * alpha.to(y_tile.dtype).view((p,) + (1,) * (y_tile.dim() - dim))
+    return y.flatten(dim, dim + 1)

@@ -1,0 +1,1 @@
+"""Triton kernels for packed TBN layers (installed as ``hf_tbn.kernels``)."""

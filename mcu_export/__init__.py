@@ -1,0 +1,1 @@
+"""Exporter of small TBN models to microcontroller C (installed as ``hf_tbn.mcu_export``)."""
