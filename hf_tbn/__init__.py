@@ -6,9 +6,13 @@
 from .config import TBNConfig
 from .convert import convert_model, pack_model, plan_conversion, tbn_layers, to_latent_model
 from .layers import TBNConv1d, TBNConv2d, TBNLayer, TBNLinear
+from .quantizer import TBNHfQuantizer, quantize_model, register
+
+register()
 
 __all__ = [
     "TBNConfig",
+    "TBNHfQuantizer",
     "TBNConv1d",
     "TBNConv2d",
     "TBNLayer",
@@ -16,6 +20,7 @@ __all__ = [
     "convert_model",
     "pack_model",
     "plan_conversion",
+    "quantize_model",
     "tbn_layers",
     "to_latent_model",
 ]

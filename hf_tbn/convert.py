@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import tiling
 from .config import TBNConfig
-from .layers import TBNConv1d, TBNConv2d, TBNLayer, TBNLinear, check_factor, check_weight
+from .layers import FORMS, TBNConv1d, TBNConv2d, TBNLayer, TBNLinear, check_factor, check_weight
 
 CONVERTIBLE = (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d)
 
@@ -135,13 +135,28 @@ def tbn_layers(model: nn.Module) -> Iterator[tuple[str, TBNLayer]]:
 
 def pack_model(model: nn.Module) -> nn.Module:
     """Latent -> packed for every TBN layer of ``model``, in place (exact)."""
-    for _, layer in tbn_layers(model):
-        layer.pack()
-    return model
+    return set_form(model, "packed")
 
 
 def to_latent_model(model: nn.Module) -> nn.Module:
     """Packed -> latent for every TBN layer, in place (``W = W_hat``), for further fine-tuning."""
+    return set_form(model, "latent")
+
+
+def set_form(model: nn.Module, form: str) -> nn.Module:
+    """Bring every TBN layer to ``form``; a transformers model's saved TBNConfig records it too.
+
+    Keeping ``model.config.quantization_config.form`` in step makes ``save_pretrained`` /
+    ``from_pretrained`` round-trip the form and tells Trainer whether the model can train.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     for _, layer in tbn_layers(model):
-        layer.to_latent()
+        if form == "packed":
+            layer.pack()
+        else:
+            layer.to_latent()
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(config, TBNConfig):
+        config.form = form
     return model
