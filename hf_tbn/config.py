@@ -59,7 +59,8 @@ class TBNConfig(QuantizationConfigMixin):
     def post_init(self) -> None:
         """Validate every field; errors name the field and the value."""
         _check_positive_int("compression_factor", self.compression_factor)
-        if isinstance(self.min_compress_size, bool) or not isinstance(self.min_compress_size, int) or self.min_compress_size < 0:
+        size = self.min_compress_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"min_compress_size must be a non-negative int, got {self.min_compress_size!r}")
         for pattern, p in self.layer_compression_factors.items():
             _check_positive_int(f"layer_compression_factors[{pattern!r}]", p)

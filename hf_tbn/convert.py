@@ -50,7 +50,7 @@ def plan_conversion(module: nn.Module, config: TBNConfig) -> dict[str, int]:
     if config.layer_factors is not None:
         for name, p in config.layer_factors.items():
             if name not in candidates:
-                raise ValueError(f"layer_factors names {name!r}, which is not a Linear/Conv1D/Conv1d/Conv2d of this model")
+                raise ValueError(f"layer_factors names {name!r}: not a Linear/Conv1D/Conv1d/Conv2d of this model")
             check_factor(p, logical_weight(candidates[name]).shape[0], name, _groups(candidates[name]))
         return dict(config.layer_factors)
 

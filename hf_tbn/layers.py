@@ -185,7 +185,7 @@ class TBNLayer(nn.Module):
         return 8 * self.storage_bytes() / self.numel
 
     # -- checkpoint checks ---------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: ANN001, D401
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         expected = {
             "tile": (torch.Size([tiling.packed_nbytes(self.tile_length)]), torch.uint8),
             "alpha": (torch.Size([self.compression_factor]), None),
@@ -201,7 +201,7 @@ class TBNLayer(nn.Module):
                     f"(weight {tuple(self.weight_shape)}, p={self.compression_factor}) needs {tuple(shape)}"
                     + (f" {dtype}" if dtype is not None else "")
                 )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
@@ -227,7 +227,8 @@ class TBNLinear(TBNLayer):
     ) -> None:
         self.in_features = in_features
         self.out_features = out_features
-        super().__init__((out_features, in_features), bias, compression_factor, alpha_mode, form, 1, device, dtype, name)
+        shape = (out_features, in_features)
+        super().__init__(shape, bias, compression_factor, alpha_mode, form, 1, device, dtype, name)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)

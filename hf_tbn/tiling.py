@@ -99,7 +99,8 @@ def unpack_bits(packed: torch.Tensor, length: int, dtype: torch.dtype = torch.fl
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise ValueError(f"packed tile must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
     if packed.numel() != packed_nbytes(length):
-        raise ValueError(f"packed tile has {packed.numel()} bytes, a tile of {length} bits needs {packed_nbytes(length)}")
+        need = packed_nbytes(length)
+        raise ValueError(f"packed tile has {packed.numel()} bytes, a tile of {length} bits needs {need}")
     shifts = _BIT_SHIFTS.to(packed.device)
     bits = (packed.unsqueeze(1) >> shifts) & 1
     return bits.flatten()[:length].to(dtype) * 2 - 1

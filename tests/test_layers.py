@@ -1,0 +1,211 @@
+"""TBN layers in both forms: agreement with the reference, packed == latent, storage, allocations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from reference import reference_tbn
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.pytorch_utils import Conv1D
+
+from hf_tbn import TBNConfig, TBNConv1d, TBNConv2d, TBNLinear, convert_model, tiling
+from hf_tbn.convert import tbn_from_dense
+
+FACTORS = [1, 2, 4, 8, 16]
+MODES = ["per_tile", "per_layer"]
+
+
+def dense_layers(p: int, seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """One dense module of every convertible kind (output dims divisible by p) and an input."""
+    g = torch.Generator().manual_seed(seed)
+    k = int(torch.randint(1, 4, (1,), generator=g))
+    torch.manual_seed(seed)
+    return {
+        "linear": (nn.Linear(19, p * k * 3), torch.randn(5, 19)),
+        "conv1d_gpt2": (Conv1D(p * k * 2, 13), torch.randn(2, 3, 13)),
+        "conv1d": (nn.Conv1d(6, p * k, 3, stride=2, padding=1, dilation=2), torch.randn(2, 6, 17)),
+        "conv2d": (nn.Conv2d(4, p * k * 2, 3, stride=(2, 1), padding=1), torch.randn(2, 4, 9, 8)),
+        "conv2d_groups": (nn.Conv2d(8, 8 * p, (3, 2), padding=(1, 0), groups=2), torch.randn(2, 8, 7, 6)),
+    }
+
+
+def logical(module: nn.Module) -> torch.Tensor:
+    return module.weight.detach().T if isinstance(module, Conv1D) else module.weight.detach()
+
+
+def dense_forward(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The dense module's own forward with ``weight`` (logical orientation) swapped in."""
+    with torch.no_grad():
+        module.weight.copy_(weight.T if isinstance(module, Conv1D) else weight)
+    return module(x)
+
+
+@pytest.mark.parametrize("p", FACTORS)
+@pytest.mark.parametrize("mode", MODES)
+def test_layers_match_reference(p: int, mode: str) -> None:
+    for kind, (dense, x) in dense_layers(p, seed=p).items():
+        ref_t, ref_alpha, ref_w = reference_tbn(logical(dense), p, mode)
+        layer = tbn_from_dense(dense, p, mode, kind)
+        assert layer.compression_factor == p
+        assert torch.equal(layer.tile_values(), ref_t), kind
+        assert torch.equal(layer.scales(), ref_alpha), kind
+        assert torch.equal(layer.effective_weight().detach(), ref_w), kind
+        expected = dense_forward(dense, ref_w, x)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+        layer.pack()
+        assert torch.equal(tiling.unpack_bits(layer.tile, layer.tile_length), ref_t), kind
+        assert torch.equal(layer.alpha, ref_alpha), kind
+        assert torch.equal(layer.effective_weight(), ref_w), kind
+
+
+@pytest.mark.parametrize("p", [1, 4, 16])
+@pytest.mark.parametrize("mode", MODES)
+def test_latent_gradient_matches_reference(p: int, mode: str) -> None:
+    for kind, (dense, x) in dense_layers(p, seed=10 + p).items():
+        layer = tbn_from_dense(dense, p, mode, kind)
+        grad_out = torch.randn_like(layer(x))
+        (layer(x) * grad_out).sum().backward()
+
+        w = logical(dense).clone().requires_grad_()
+        (dense_forward_with_grad(dense, reference_tbn(w, p, mode)[2], x) * grad_out).sum().backward()
+        torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-4, atol=1e-6)
+
+
+def dense_forward_with_grad(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s functional forward with a differentiable weight in logical orientation."""
+    if isinstance(module, Conv1D):
+        return torch.addmm(module.bias, x.reshape(-1, x.shape[-1]), weight.T).view(*x.shape[:-1], -1)
+    return torch.func.functional_call(module, {"weight": weight}, (x,))
+
+
+@pytest.mark.parametrize("p", FACTORS)
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_forward_equals_latent(p: int, mode: str) -> None:
+    for kind, (dense, x) in dense_layers(p, seed=20 + p).items():
+        layer = tbn_from_dense(dense, p, mode, kind)
+        with torch.no_grad():
+            latent = layer(x)
+            packed = layer.pack()(x)
+        rel = (packed - latent).norm() / latent.norm()
+        assert rel < 1e-5, (kind, rel.item())
+
+
+@pytest.mark.parametrize("p", FACTORS)
+def test_pack_latent_pack_reproduces_bits(p: int) -> None:
+    for kind, (dense, _) in dense_layers(p, seed=30 + p).items():
+        layer = tbn_from_dense(dense, p, "per_tile", kind).pack()
+        tile, alpha = layer.tile.clone(), layer.alpha.clone()
+        layer.to_latent()
+        assert layer.form == "latent" and layer.weight.requires_grad
+        layer.pack()
+        assert torch.equal(layer.tile, tile), kind
+        # mean(|W_hat_i|) averages L copies of alpha_i: equal up to float summation rounding
+        torch.testing.assert_close(layer.alpha, alpha, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 8, 16])
+def test_packed_state_holds_only_tile_scales_bias(p: int) -> None:
+    layer = TBNLinear(512, 64 * p, compression_factor=p).pack()
+    state = layer.state_dict()
+    assert set(state) == {"tile", "alpha", "bias"}
+    n = 512 * 64 * p
+    assert state["tile"].dtype == torch.uint8 and state["tile"].numel() == math.ceil(n / p / 8)
+    assert state["alpha"].numel() == p
+    assert layer.storage_bytes() == n // p // 8 + 4 * p
+    assert layer.bits_per_weight() == pytest.approx(1 / p + 32 * p / n, rel=1e-12)
+
+
+def test_bits_per_weight_counts_padding_bytes() -> None:
+    layer = TBNConv2d(3, 4, 3, compression_factor=4).pack()  # N = 108, L = 27 bits -> 4 bytes
+    assert layer.tile.numel() == 4
+    assert layer.bits_per_weight() == (4 * 8 + 4 * 32) / 108
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the element count of every tensor an op creates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.sizes.append((str(func), t.numel()))
+        return out
+
+
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (TBNLinear(256, 512, compression_factor=4), torch.randn(2, 256)),
+        (TBNConv2d(32, 64, 3, padding=1, compression_factor=8), torch.randn(1, 32, 5, 5)),
+        (TBNConv1d(32, 64, 5, compression_factor=2), torch.randn(1, 32, 20)),
+    ],
+)
+def test_packed_forward_never_builds_dense_weight(layer: nn.Module, x: torch.Tensor) -> None:
+    layer.pack()
+    recorder = AllocationRecorder()
+    with torch.no_grad(), recorder:
+        y = layer(x)
+    assert recorder.sizes, "the recorder saw no op"
+    n = layer.numel
+    assert y.numel() < n  # the check below is only meaningful if outputs are smaller than N
+    too_big = [(op, size) for op, size in recorder.sizes if size >= n]
+    assert not too_big, f"packed forward allocated tensors of >= N={n} elements: {too_big}"
+
+
+def test_latent_layers_train_with_autograd() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 8))
+    convert_model(model, TBNConfig(compression_factor=4, min_compress_size=0))
+    x, target = torch.randn(16, 3, 6, 6), torch.randint(0, 8, (16,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.0, True, "4", None])
+def test_bad_factor_names_layer_and_value(bad: object) -> None:
+    with pytest.raises(ValueError, match=rf"my\.layer: compression_factor must be a positive int, got {bad!r}"):
+        TBNLinear(8, 8, compression_factor=bad, name="my.layer")
+
+
+def test_factor_must_divide_output_dim() -> None:
+    with pytest.raises(ValueError, match="enc.fc: compression_factor 4 does not divide the output dimension 6"):
+        TBNLinear(8, 6, compression_factor=4, name="enc.fc")
+
+
+def test_packed_tile_length_mismatch_names_layer_and_shapes() -> None:
+    layer = TBNLinear(16, 8, compression_factor=2, name="block.fc").pack()
+    state = layer.state_dict()
+    state["tile"] = torch.zeros(5, dtype=torch.uint8)  # L = 64 bits needs 8 bytes
+    with pytest.raises(ValueError, match=r"tile: checkpoint has \(5,\).*block\.fc.*needs \(8,\)"):
+        layer.load_state_dict(state)
+    state = layer.state_dict()
+    state["alpha"] = torch.ones(4)
+    with pytest.raises(ValueError, match=r"alpha: checkpoint has \(4,\).*needs \(2,\)"):
+        layer.load_state_dict(state)
+    state = layer.state_dict()
+    state["tile"] = torch.zeros(8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="torch.int32.*torch.uint8"):
+        layer.load_state_dict(state)
+
+
+def test_dense_module_dequantizes() -> None:
+    layer = TBNConv2d(4, 8, 3, padding=1, groups=2, compression_factor=2).pack()
+    dense = layer.dense_module()
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), layer(x), rtol=1e-5, atol=1e-6)
