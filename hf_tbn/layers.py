@@ -203,6 +203,13 @@ class TBNLayer(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def __getattr__(self, name: str) -> torch.Tensor | nn.Module:
+        # Model code reads ``layer.weight.dtype`` (ViT) or re-inits ``weight`` (GPT-2): in the packed
+        # form ``weight`` is the dense W_hat, rebuilt on each access and never stored.
+        if name == "weight" and self.__dict__.get("form") == "packed":
+            return self.effective_weight()
+        return super().__getattr__(name)
+
     def extra_repr(self) -> str:
         return (
             f"weight_shape={tuple(self.weight_shape)}, p={self.compression_factor}, "
