@@ -116,7 +116,9 @@ def convert_model(module: nn.Module, config: TBNConfig | None = None) -> nn.Modu
         if id(module.get_submodule(name).weight) in shared:
             raise ValueError(f"{name}: weight is shared with another module (tied); add it to modules_to_not_convert")
     for name, p in plan.items():
-        module.set_submodule(name, tbn_from_dense(module.get_submodule(name), p, config.alpha_mode, name))
+        layer = tbn_from_dense(module.get_submodule(name), p, config.alpha_mode, name)
+        layer.backend = config.backend
+        module.set_submodule(name, layer)
     config.layer_factors = plan
     return module
 

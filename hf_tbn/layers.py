@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair, _single
 
-from . import tiling
+from . import kernels, tiling
 
 Form = Literal["latent", "packed"]
 FORMS: tuple[str, ...] = ("latent", "packed")
@@ -134,18 +134,13 @@ class TBNLayer(nn.Module):
         return self._packed_forward(x)
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = tiling.unpack_bits(self.tile, self.tile_length, x.dtype).view(self.tile_shape)
-        y = self._apply_tile(x, t, self.alpha)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype).view(-1, *([1] * self._bias_trailing_dims))
-        return y
-
-    _bias_trailing_dims = 0
+        """Tile applied once, ``p`` scaled copies, on the path ``self.backend`` selects (hf_tbn.kernels)."""
+        return self._apply_tile(x, kernels.resolve_backend(self.backend, x, self.layer_name))
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _apply_tile(self, x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def _apply_tile(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         raise NotImplementedError
 
     # -- conversions between the forms ---------------------------------------------------
@@ -240,8 +235,15 @@ class TBNLinear(TBNLayer):
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
-    def _apply_tile(self, x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        return tiling.tiled_outputs(F.linear(x, tile), alpha, dim=-1)
+    def _apply_tile(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        rows, x2d = self.out_features // self.compression_factor, x.reshape(-1, self.in_features)
+        if backend == "triton":
+            from .kernels.triton_tbn import tbn_linear
+
+            y = tbn_linear(x2d, self.tile, self.alpha, self.bias, rows)
+        else:
+            y = kernels.packed_linear(x2d, self.tile, self.alpha, self.bias, rows)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def dense_module(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W_hat`` (dequantization)."""
@@ -293,9 +295,18 @@ class _TBNConvNd(TBNLayer):
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._conv_with(x, weight, bias, self.groups)
 
-    def _apply_tile(self, x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def _apply_tile(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        if backend == "triton":  # unfold + the GEMM kernel (hf_tbn.kernels.conv)
+            from .kernels.conv import packed_conv
+
+            return packed_conv(
+                x, self.tile, self.alpha, self.bias, tuple(self.weight_shape), self.stride, self.padding,
+                self.dilation, self.groups,
+            )
+        tile = kernels.unpack_signs(self.tile, self.tile_length, x.dtype).view(self.tile_shape)
+        channel_dim = -1 - len(self.kernel_size)  # counted from the end: batched or not
         if self.groups == 1:
-            return tiling.tiled_outputs(self._conv_with(x, tile, None, 1), alpha, dim=1)
+            return tiling.tiled_outputs(self._conv_with(x, tile, None, 1), self.alpha, channel_dim, self.bias)
         # Grouped: each copy reads its own input channels, so only the tile's memory is reused.
         p, in_per_group = self.compression_factor, self.in_channels // self.groups
         groups_per_copy = max(self.groups // p, 1)
@@ -303,9 +314,12 @@ class _TBNConvNd(TBNLayer):
         blocks = []
         for i in range(p):
             first = (i // copies_per_group) * groups_per_copy * in_per_group
-            xs = x[:, first : first + groups_per_copy * in_per_group]
-            blocks.append(self._conv_with(xs, tile, None, groups_per_copy) * alpha[i].to(x.dtype))
-        return torch.cat(blocks, dim=1)
+            xs = x.narrow(channel_dim, first, groups_per_copy * in_per_group)
+            blocks.append(self._conv_with(xs, tile, None, groups_per_copy) * self.alpha[i].to(x.dtype))
+        y = torch.cat(blocks, dim=channel_dim)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype).view(-1, *([1] * len(self.kernel_size)))
+        return y
 
     def dense_module(self) -> nn.Module:
         """A plain ``nn.ConvNd`` holding ``W_hat`` (dequantization)."""
@@ -324,7 +338,6 @@ class TBNConv1d(_TBNConvNd):
     _conv = staticmethod(F.conv1d)
     _tuple = staticmethod(_single)
     _dense_type = nn.Conv1d
-    _bias_trailing_dims = 1
 
 
 class TBNConv2d(_TBNConvNd):
@@ -333,7 +346,6 @@ class TBNConv2d(_TBNConvNd):
     _conv = staticmethod(F.conv2d)
     _tuple = staticmethod(_pair)
     _dense_type = nn.Conv2d
-    _bias_trailing_dims = 2
 
 
 @torch.no_grad()

@@ -137,13 +137,21 @@ def resolve_factor(out_features: int, numel: int, p: int, min_compress_size: int
     )
 
 
-def tiled_outputs(y_tile: torch.Tensor, alpha: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def tiled_outputs(
+    y_tile: torch.Tensor, alpha: torch.Tensor, dim: int = -1, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """The compute-reuse identity: ``T.x`` computed once, written ``p`` times scaled.
 
     ``y_tile`` holds the ``out/p`` outputs of the tile along ``dim``; the result holds the
-    ``out`` outputs, block ``i`` being ``alpha_i * y_tile``.
+    ``out`` outputs, block ``i`` being ``alpha_i * y_tile`` (plus ``bias``, ``(out,)``, added
+    in the same pass).
     """
     dim = dim % y_tile.dim()
     p = alpha.numel()
-    y = y_tile.unsqueeze(dim) * alpha.to(y_tile.dtype).view((p,) + (1,) * (y_tile.dim() - dim))
+    trailing = (1,) * (y_tile.dim() - dim - 1)
+    scale = alpha.to(y_tile.dtype).view((p, 1, *trailing))
+    if bias is None:
+        y = y_tile.unsqueeze(dim) * scale
+    else:
+        y = torch.addcmul(bias.to(y_tile.dtype).view((p, -1, *trailing)), y_tile.unsqueeze(dim), scale)
     return y.flatten(dim, dim + 1)

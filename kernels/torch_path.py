@@ -1,0 +1,82 @@
+"""The torch compute-reuse path for packed tiles: ``out/p`` outputs computed once, written ``p`` times.
+
+Used on CPU (and wherever Triton is not chosen). Nothing dense is cached: the tile is
+expanded from its bits on every call, through a 256 x 8 table of signs (one row per byte
+value), which costs one pass over the ``L = N/p`` tile values instead of the several passes
+of :func:`hf_tbn.tiling.unpack_bits`. For a few input rows (decoding) even that is skipped:
+the product is read from per-byte partial sums of the input (:func:`_byte_table_matmul`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..tiling import tiled_outputs
+
+# Rows of x up to which the byte-table product beats expanding the tile (measured by
+# scripts/bench_cpu.py on 576..4096-wide layers; the table costs 32 * M * K values).
+BYTE_TABLE_MAX_ROWS = 4
+# Tile values expanded at once in the GEMM path: large tiles are expanded and multiplied in
+# row chunks so the expanded signs stay in cache and big allocations are not page-faulted.
+CHUNK_VALUES = 1 << 20
+
+_SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(256, 8)`` table: row ``b`` holds the 8 signs byte ``b`` encodes (LSB first, set = +1)."""
+    key = (dtype, device)
+    if key not in _SIGN_TABLES:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _SIGN_TABLES[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
+    return _SIGN_TABLES[key]
+
+
+def unpack_signs(bits: torch.Tensor, length: int, dtype: torch.dtype, start: int = 0) -> torch.Tensor:
+    """Tile values ``start .. start + length`` (+-1 in ``dtype``) of the packed ``bits``, like ``unpack_bits``."""
+    used = bits[start // 8 : (start + length + 7) // 8]
+    values = sign_table(dtype, bits.device).index_select(0, used.int()).view(-1)
+    return values[start % 8 : start % 8 + length]
+
+
+def _byte_table_matmul(x: torch.Tensor, bits: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x @ T.T`` for a tile whose rows start on byte boundaries (``K % 8 == 0``), without expanding it.
+
+    For every group of 8 inputs, the 256 possible signed sums are tabulated once; output
+    ``n`` is then the sum over groups of the entry its tile byte selects: ``L/8`` lookups
+    per input row instead of ``L`` multiply-adds. Sums are taken in float32.
+    """
+    m, k = x.shape
+    groups = k // 8
+    signs = sign_table(torch.float32, x.device)
+    table = (x.float().reshape(m, groups, 8) @ signs.t()).view(m, groups * 256)
+    offsets = torch.arange(0, groups * 256, 256, dtype=torch.int32, device=x.device)
+    index = (bits.view(rows, groups) + offsets).view(-1)
+    return table.index_select(1, index).view(m, rows, groups).sum(dim=2).to(x.dtype)
+
+
+def _expanded_matmul(x: torch.Tensor, bits: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x @ T.T`` expanding the tile to ``x.dtype`` signs, in row chunks of about ``CHUNK_VALUES``."""
+    k = x.shape[1]
+    step = max(1, CHUNK_VALUES // k)
+    parts = []
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        parts.append(F.linear(x, unpack_signs(bits, n * k, x.dtype, start=r0 * k).view(n, k)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def tile_matmul(x: torch.Tensor, bits: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(M, rows)`` products of ``x`` ``(M, K)`` with the ``rows x K`` tile in ``bits``: the work done once."""
+    m, k = x.shape
+    if m <= BYTE_TABLE_MAX_ROWS and k % 8 == 0 and 32 * m < rows:
+        return _byte_table_matmul(x, bits, rows)
+    return _expanded_matmul(x, bits, rows)
+
+
+def packed_linear(
+    x: torch.Tensor, bits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int
+) -> torch.Tensor:
+    """``(M, p * rows)`` outputs of a packed linear layer for a 2-D ``x``: tile product once, ``p`` scaled copies."""
+    return tiled_outputs(tile_matmul(x, bits, rows), alpha, dim=-1, bias=bias)

@@ -1,0 +1,158 @@
+"""Triton tile-reuse GEMM / GEMV for packed TBN layers (imported only when Triton is used).
+
+One kernel serves decoding (M = 1) and large M. Each program reads the packed bits of a
+``BLOCK_N x K`` slice of the tile, expands them to +-1 in registers, multiplies with
+``tl.dot`` into a float32 accumulator (the ``out/p`` products, computed once) and then
+writes the ``p`` scaled copies plus bias from that same accumulator: the dense layer's
+``N`` multiply-adds become ``N/p`` and the weight read is ``N/(8p)`` bytes.
+
+Bit order (hf_tbn.tiling): tile element ``j`` is bit ``j % 8`` of byte ``j // 8``, set = +1.
+Tile row ``n`` (of ``K`` values) starts at element ``n * K``; with ``K % 8 == 0`` every row
+starts on a byte, so a block loads ``BLOCK_K / 8`` bytes per row and shifts them out
+(``ALIGNED``); otherwise each value's byte is gathered by its own index.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .torch_path import unpack_signs
+
+_knobs = getattr(triton, "knobs", None)
+# Triton decides interpretation when a kernel is decorated, i.e. when this module is imported.
+INTERPRETED: bool = bool(_knobs.runtime.interpret) if _knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
+
+DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _tbn_matmul_kernel(
+    x_ptr, bits_ptr, alpha_ptr, bias_ptr, out_ptr,
+    M, K, ROWS, P, ROW0,
+    stride_xm, stride_xk, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < ROWS
+    row_start = (ROW0 + rn).to(tl.int64) * K  # tile element index of each row's first value
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        x_mask = m_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk, mask=x_mask, other=0.0)
+        if ALIGNED:
+            rb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            b_mask = n_ok[:, None] & (rb[None, :] < K // 8)
+            byte = tl.load(bits_ptr + row_start[:, None] // 8 + rb[None, :], mask=b_mask, other=0)
+            bit = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+            bit = tl.trans(tl.reshape(bit, (BLOCK_N, BLOCK_K)))
+        else:
+            j = row_start[None, :] + k[:, None]  # (BLOCK_K, BLOCK_N) element indices
+            byte = tl.load(bits_ptr + j // 8, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            bit = (byte.to(tl.int32) >> (j % 8).to(tl.int32)) & 1
+        if UPCAST:  # interpreter only: its tl.dot multiplies bf16 operands as raw uint16 integers
+            x = x.to(tl.float32)
+        w = (bit * 2 - 1).to(x.dtype)  # +-1 is exact in every activation dtype
+        if IEEE:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    mask = m_ok[:, None] & n_ok[None, :]
+    for i in range(P):  # the p copies of the block, from the one accumulator
+        y = acc * tl.load(alpha_ptr + i).to(tl.float32)
+        col = i * ROWS + rn
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + col, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rm[:, None] * stride_om + col[None, :] * stride_on
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(m: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)``: narrow N blocks for decoding (more programs), big tiles for GEMM."""
+    block_k = 32 if dtype == torch.float32 else 64
+    if m <= 16:
+        return 16, 32, 2 * block_k, 4
+    if m <= 64:
+        return 64, 64, block_k, 4
+    return 128, 128, block_k, 8
+
+
+def tbn_matmul(
+    x: torch.Tensor,
+    bits: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int,
+    row0: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(M, p * rows)``: block ``i`` is ``alpha_i * x @ T.T`` (+ bias), ``T`` = tile rows ``row0 .. row0+rows``.
+
+    ``x`` is ``(M, K)`` (any strides); ``bits`` the packed tile whose rows have ``K`` values;
+    ``alpha`` the ``p`` scales of these copies; ``bias`` ``(p * rows,)`` or None; ``out`` an
+    optional ``(M, p * rows)`` destination (any strides). fp32 runs the dot in IEEE fp32.
+    """
+    m, k = x.shape
+    p = alpha.numel()
+    if x.dtype not in DTYPES:
+        raise ValueError(f"tbn_matmul: activations must be one of {DTYPES}, got {x.dtype}")
+    if bits.dtype != torch.uint8 or bits.numel() * 8 < (row0 + rows) * k:
+        need = (row0 + rows) * k
+        raise ValueError(f"tbn_matmul: bits must be uint8 holding {need} values, got {bits.dtype} {bits.numel()} bytes")
+    if bias is not None and bias.numel() != p * rows:
+        raise ValueError(f"tbn_matmul: bias has {bias.numel()} values, expected p * rows = {p * rows}")
+    if out is None:
+        out = x.new_empty(m, p * rows)
+    elif out.shape != (m, p * rows):
+        raise ValueError(f"tbn_matmul: out has shape {tuple(out.shape)}, expected {(m, p * rows)}")
+    block_m, block_n, block_k, warps = _blocks(m, k, x.dtype)
+    upcast = INTERPRETED and x.dtype == torch.bfloat16
+    grid = (triton.cdiv(m, block_m), triton.cdiv(rows, block_n))
+    _tbn_matmul_kernel[grid](
+        x, bits, alpha.contiguous(), bias.contiguous() if bias is not None else alpha, out,
+        m, k, rows, p, row0,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, ALIGNED=k % 8 == 0, IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+    )
+    return out
+
+
+class _TBNMatmul(torch.autograd.Function):
+    """The kernel as an autograd op: gradients reach ``x`` and ``bias``; the tile and scales are fixed buffers."""
+
+    @staticmethod
+    def forward(ctx, x, bits, alpha, bias, rows, row0):  # noqa: ANN001
+        ctx.save_for_backward(bits, alpha)
+        ctx.rows, ctx.row0, ctx.k = rows, row0, x.shape[1]
+        return tbn_matmul(x, bits, alpha, bias, rows, row0)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        bits, alpha = ctx.saved_tensors
+        rows, k, p = ctx.rows, ctx.k, alpha.numel()
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:  # dL/dx = (sum_i alpha_i dL/dy_i) @ T: the backward reuses the tile too
+            folded = (grad.reshape(-1, p, rows) * alpha.to(grad.dtype).view(1, p, 1)).sum(dim=1)
+            grad_x = folded @ unpack_signs(bits, rows * k, grad.dtype, start=ctx.row0 * k).view(rows, k)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad.sum(dim=0)
+        return grad_x, None, None, grad_bias, None, None
+
+
+def tbn_linear(
+    x: torch.Tensor, bits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int = 0
+) -> torch.Tensor:
+    """:func:`tbn_matmul` with autograd (for LoRA and other training through a packed layer)."""
+    return _TBNMatmul.apply(x, bits, alpha, bias, rows, row0)
