@@ -1,0 +1,162 @@
+"""LoRA (peft) on TBN layers: packed (QLoRA-style) and latent, through Trainer, save and reload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+)
+
+from hf_tbn import TBNConfig, TBNLoraLinear, pack_model, tbn_layers
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict[str, torch.Tensor]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items[i]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def llama_data(n: int = 16, length: int = 24) -> ListDataset:
+    """Two random token sequences, repeated: a language a tiny model can learn in a few steps."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (2, length), generator=g).repeat(n // 2, 1)
+    return ListDataset([{"input_ids": x, "labels": x} for x in ids])
+
+
+def minilm_data(tokenizer: AutoTokenizer) -> ListDataset:
+    texts = ["the match ended in a late goal", "shares fell after the earnings report",
+             "the striker signed a new contract", "the central bank raised interest rates"] * 4
+    labels = [0, 1, 0, 1] * 4
+    enc = tokenizer(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    return ListDataset([{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
+                         "labels": torch.tensor(labels[i])} for i in range(len(texts))])
+
+
+def packed_base(cls: type[PreTrainedModel], fp_dir: Path, tmp: Path, config: TBNConfig) -> Path:
+    """Quantize ``fp_dir`` on load, pack, save: the folder a user would download from the Hub."""
+    model = cls.from_pretrained(fp_dir, quantization_config=config)
+    pack_model(model).save_pretrained(tmp / "packed")
+    return tmp / "packed"
+
+
+def train(model: torch.nn.Module, data: ListDataset, out: Path, steps: int, lr: float) -> list[float]:
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                             lr_scheduler_type="constant", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def frozen_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the base model, names without peft's wrapping."""
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {k.replace(".base_layer", "").replace(".original_module", ""): v.detach().clone() for k, v in state.items()
+            if "lora_" not in k and "modules_to_save" not in k}
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def check_lora_on_packed(cls: type[PreTrainedModel], fp_dir: Path, tmp: Path, data: ListDataset,
+                         lora: LoraConfig, config: TBNConfig, steps: int, lr: float) -> None:
+    folder = packed_base(cls, fp_dir, tmp, config)
+    base = cls.from_pretrained(folder)
+    assert all(layer.form == "packed" for _, layer in tbn_layers(base))
+    before = frozen_state(base)
+
+    model = get_peft_model(base, lora)
+    wrapped = [m for m in model.modules() if isinstance(m, TBNLoraLinear)]
+    assert wrapped, "no TBN layer got a LoRA adapter"
+    losses = train(model, data, tmp / "run", steps, lr)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+    after = frozen_state(model.get_base_model())
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"training changed non-adapter state: {changed}"
+
+    batch = torch.utils.data.default_collate([data[i] for i in range(4)])
+    expected = logits(model, batch)
+    model.save_pretrained(tmp / "adapter")
+    reloaded = PeftModel.from_pretrained(cls.from_pretrained(folder), tmp / "adapter")
+    assert torch.equal(logits(reloaded, batch), expected)
+
+
+def test_lora_on_packed_tiny_llama(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    check_lora_on_packed(LlamaForCausalLM, tiny_llama_dir, tmp_path, llama_data(), lora,
+                         TBNConfig(compression_factor=4, min_compress_size=0), steps=30, lr=3e-2)
+
+
+def test_lora_on_packed_minilm(minilm_dir: Path, tmp_path: Path) -> None:
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"],
+                      task_type="SEQ_CLS")
+    data = minilm_data(AutoTokenizer.from_pretrained(minilm_dir))
+    check_lora_on_packed(AutoModelForSequenceClassification, minilm_dir, tmp_path, data, lora,
+                         TBNConfig(compression_factor=4), steps=12, lr=5e-3)
+
+
+def test_lora_with_latent_weights_training_together(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    base = LlamaForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=TBNConfig(min_compress_size=0))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    latent = {name: layer.weight for name, layer in tbn_layers(base)}
+    for weight in latent.values():
+        weight.requires_grad_(True)
+    before = {name: w.detach().clone() for name, w in latent.items()}
+    losses = train(model, llama_data(), tmp_path, steps=10, lr=1e-2)
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(before[n], w) for n, w in latent.items())
+    assert all(not torch.equal(m.lora_B["default"].weight, torch.zeros_like(m.lora_B["default"].weight))
+               for m in model.modules() if isinstance(m, TBNLoraLinear))
+
+
+def test_merge_is_refused_naming_the_layers(tiny_llama_dir: Path) -> None:
+    base = LlamaForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=TBNConfig(min_compress_size=0))
+    model = get_peft_model(pack_model(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot merge LoRA adapters into TBN layers \(model.layers.0.self_attn.q_proj"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="model.layers.1.self_attn.q_proj"):
+        model.merge_adapter()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # nothing half-merged
+
+
+def test_lora_target_that_is_not_there(tiny_llama_dir: Path) -> None:
+    base = LlamaForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=TBNConfig(min_compress_size=0))
+    with pytest.raises(ValueError, match="qkv_proj"):
+        get_peft_model(pack_model(base), LoraConfig(r=4, target_modules=["qkv_proj"]))
+
+
+def test_lora_variant_is_refused(tiny_llama_dir: Path) -> None:
+    base = LlamaForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=TBNConfig(min_compress_size=0))
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj: DoraLinearVariant needs a dense base"):
+        get_peft_model(pack_model(base), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
