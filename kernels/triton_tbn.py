@@ -45,7 +45,8 @@ def _tbn_matmul_kernel(
     m_ok = rm < M
     n_ok = rn < ROWS
     row_start = (ROW0 + rn).to(tl.int64) * K  # tile element index of each row's first value
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: a @jit library function, which
+    # the interpreter cannot call if triton.language was imported before TRITON_INTERPRET was set
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         k_ok = k < K
