@@ -1,0 +1,206 @@
+"""The microcontroller exporter: generated C on the host (gcc) and on an emulated Cortex-M4.
+
+Needs gcc, the Arm toolchain and qemu-system-arm and the Fashion-MNIST package (installed by
+scripts/setup.sh); a missing tool fails with the packages to install, it is never skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hf_tbn import TBNConv2d, TBNLinear, mcu_export, tiling
+from hf_tbn.cli import main as cli_main
+
+demo, tc = mcu_export.demo, mcu_export.toolchain
+export_model, plan_export = mcu_export.export_model, mcu_export.plan_export
+
+HOST_IMAGES = 500
+BOARD_IMAGES = 100
+MAX_REL_ERR = 1e-4
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest per-input ``max|got - ref| / max|ref|``."""
+    return ((got - ref).abs().amax(dim=1) / ref.abs().amax(dim=1)).max().item()
+
+
+@pytest.fixture(scope="module")
+def fashion() -> dict[str, torch.Tensor]:
+    torch.set_num_threads(2)
+    x, y = demo.load_fashion_mnist("train")
+    xt, yt = demo.load_fashion_mnist("test")
+    return {"x": x[:12000], "y": y[:12000], "xt": xt[:HOST_IMAGES], "yt": yt[:HOST_IMAGES]}
+
+
+@pytest.fixture(scope="module")
+def trained(fashion: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """The paper's MLP (fc1 p=4, fc2 p=1) and the small CNN, trained briefly, in latent form."""
+    models = {}
+    for name, build in (("mlp", lambda: demo.mlp(4, 1)), ("cnn", lambda: demo.cnn(1, 4, 1))):
+        torch.manual_seed(0)
+        models[name] = demo.train(build(), fashion["x"], fashion["y"], epochs=1, seed=0)
+    return models
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_host_and_board_match_pytorch(name: str, trained: dict[str, nn.Module], fashion: dict[str, torch.Tensor],
+                                      tmp_path: Path) -> None:
+    model = trained[name]
+    images = fashion["xt"]
+    ref = demo.predict(model, images)
+    assert (ref.argmax(1) == fashion["yt"]).float().mean() > 0.6, "the quickly trained model should have learnt"
+    export = export_model(model, (1, 28, 28), tmp_path)
+
+    host = tc.run_host(export, tc.build_host(export), images)
+    assert host.shape == ref.shape
+    assert rel_err(host, ref) <= MAX_REL_ERR
+    assert torch.equal(host.argmax(1), ref.argmax(1))
+
+    board = tc.run_board(export, tc.build_board(export), images[:BOARD_IMAGES])
+    assert torch.equal(board.outputs.argmax(1), ref[:BOARD_IMAGES].argmax(1))
+    assert rel_err(board.outputs, ref[:BOARD_IMAGES]) <= MAX_REL_ERR
+    assert board.instructions_per_inference > 0
+
+
+def test_tiled_layer_uses_compute_reuse_and_tiling_bits(trained: dict[str, nn.Module]) -> None:
+    model = trained["mlp"]
+    plan = plan_export(model, (1, 28, 28))
+    fc1 = plan.ops[0]
+    assert (fc1.rows, fc1.p) == (32, 4)  # 128 outputs: the 32 tile rows once, 4 scaled copies
+    assert "tbn_rt_linear_bits(buf0, 784u, 32u," in plan.generated.source
+    assert "tbn_rt_copies(buf1, 32u, 1u, 4u," in plan.generated.source
+    expected = tiling.pack_bits(tiling.aggregate_sign(model.fc1.weight.detach(), 4))
+    assert torch.equal(fc1.bits, expected)
+    first = ", ".join(f"0x{b:02x}" for b in expected[:16].tolist())
+    assert first in plan.generated.source
+    assert plan.generated.weight_bytes == model.fc1.storage_bytes() + model.fc2.storage_bytes()
+
+
+def test_latent_model_is_not_modified_and_exports_like_packed(trained: dict[str, nn.Module]) -> None:
+    model = trained["mlp"]
+    before = model.fc1.weight.detach().clone()
+    latent_source = plan_export(model, (784,)).generated.source
+    assert model.fc1.form == "latent" and torch.equal(model.fc1.weight, before)
+    packed = demo.mlp(4, 1)
+    packed.load_state_dict(model.state_dict())
+    for layer in (packed.fc1, packed.fc2):
+        layer.pack()
+    assert plan_export(packed, (784,)).generated.source == latent_source
+
+
+def _geometry_model() -> nn.Sequential:
+    """Every supported layer type and option the runtime implements, with random statistics."""
+    model = nn.Sequential(
+        TBNConv2d(3, 8, 3, stride=2, padding=2, dilation=2, compression_factor=2),  # BN folded per channel
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.Conv2d(8, 6, (3, 2), stride=(1, 2), padding=(1, 0)),
+        nn.BatchNorm2d(6),  # folded into a float weight
+        nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False),
+        nn.BatchNorm2d(6),  # after a pool: a standalone affine step
+        nn.AvgPool2d(3, stride=2, padding=1),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        TBNLinear(12, 12, compression_factor=3),
+        nn.BatchNorm1d(12),
+        nn.ReLU(),
+        nn.Linear(12, 5),
+        nn.BatchNorm1d(5),
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model.eval()
+
+
+def test_every_layer_option_matches_on_host(tmp_path: Path) -> None:
+    model = _geometry_model()
+    x = torch.randn(200, 3, 12, 10, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x)
+    export = export_model(model, (3, 12, 10), tmp_path)
+    kinds = [op.kind for op in export.plan.ops]
+    assert "TBNConv2d(p=2)+BatchNorm" in kinds and "BatchNorm2d" in kinds and "Conv2d+BatchNorm" in kinds
+    host = tc.run_host(export, tc.build_host(export), x)
+    assert rel_err(host, ref) <= MAX_REL_ERR
+    assert torch.equal(host.argmax(1), ref.argmax(1))
+
+
+def test_any_module_names_give_valid_c(tmp_path: Path) -> None:
+    model = nn.Sequential()
+    model.add_module("1 fc/*é*/", TBNLinear(6, 4, compression_factor=2))
+    model.add_module("int", nn.ReLU())
+    model.add_module("fc-2 ü", TBNLinear(4, 2, compression_factor=1))
+    export = export_model(model, (6,), tmp_path, prefix="9 my-model*/")
+    assert export.plan.prefix == "m_9_my_model"
+    x = torch.randn(8, 6)
+    host = tc.run_host(export, tc.build_host(export), x)
+    assert rel_err(host, model(x).detach()) <= MAX_REL_ERR
+
+
+def test_over_budget_is_refused_with_sizes(tmp_path: Path) -> None:
+    model = demo.mlp(4, 1)
+    plan = plan_export(model, (1, 28, 28))
+    assert plan.flash_bytes == 3136 + 16 + 160 + 4
+    with pytest.raises(ValueError, match=rf"flash: needs {plan.flash_bytes} bytes .*--flash-kb 2"):
+        export_model(model, (1, 28, 28), tmp_path / "a", flash_kb=2)
+    with pytest.raises(ValueError, match=rf"RAM: needs {plan.ram_bytes} bytes .*--ram-kb 1"):
+        export_model(model, (1, 28, 28), tmp_path / "b", ram_kb=1)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    export_model(model, (1, 28, 28), tmp_path / "c", flash_kb=4, ram_kb=4)
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (nn.Sequential(nn.Flatten(), TBNLinear(4, 2, compression_factor=2), nn.GELU()), r"^2: GELU is not supported"),
+        (nn.Sequential(TBNLinear(4, 2, compression_factor=1), nn.LayerNorm(2)), r"^1: LayerNorm is not supported"),
+        (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), r"^0: groups=2 is not supported"),
+        (nn.Sequential(nn.MaxPool2d(2, ceil_mode=True)), r"^0: ceil_mode=True"),
+    ],
+)
+def test_unsupported_modules_are_named(model: nn.Module, match: str) -> None:
+    shape = (2, 6, 6) if isinstance(model[0], (nn.Conv2d, nn.MaxPool2d)) else (4,)
+    with pytest.raises(ValueError, match=match):
+        plan_export(model, shape)
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = TBNLinear(4, 4, compression_factor=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(x)
+
+
+def test_non_sequential_forward_is_refused() -> None:
+    with pytest.raises(ValueError, match="_Residual: its forward is not the chain of its layers"):
+        plan_export(_Residual(), (4,))
+
+
+def test_missing_tool_names_the_packages() -> None:
+    with pytest.raises(RuntimeError, match="gcc-arm-none-eabi .*qemu-system-arm"):
+        tc.require("arm-none-eabi-no-such-tool")
+
+
+def test_cli_exports_and_refuses_over_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "mlp.pt"
+    torch.save(demo.mlp(4, 1), path)
+    out = tmp_path / "c"
+    assert cli_main(["export-mcu", str(path), "--input-shape", "1,28,28", "--out", str(out), "--name", "fm"]) == 0
+    assert (out / "fm.h").exists() and (out / "fm.c").exists() and (out / "tbn_runtime.c").exists()
+    assert "weights 3316 B" in capsys.readouterr().out
+    code = cli_main(["export-mcu", str(path), "--input-shape", "784", "--out", str(tmp_path / "d"), "--flash-kb", "1"])
+    assert code == 1
+    assert "flash: needs 3316 bytes" in capsys.readouterr().err
