@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -76,8 +77,9 @@ def train(model: torch.nn.Module, data: ListDataset, out: Path, steps: int, lr: 
 def frozen_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of the base model, names without peft's wrapping."""
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return {k.replace(".base_layer", "").replace(".original_module", ""): v.detach().clone() for k, v in state.items()
-            if "lora_" not in k and "modules_to_save" not in k}
+    unwrap = {".base_layer": "", ".original_module": ""}
+    return {functools.reduce(lambda name, kv: name.replace(*kv), unwrap.items(), k): v.detach().clone()
+            for k, v in state.items() if "lora_" not in k and "modules_to_save" not in k}
 
 
 @torch.no_grad()
@@ -143,11 +145,26 @@ def test_merge_is_refused_naming_the_layers(tiny_llama_dir: Path) -> None:
     base = LlamaForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=TBNConfig(min_compress_size=0))
     model = get_peft_model(pack_model(base), LoraConfig(r=4, target_modules=["q_proj"]))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"cannot merge LoRA adapters into TBN layers \(model.layers.0.self_attn.q_proj"):
+    refusal = r"cannot merge LoRA adapters into TBN layers \(model.layers.0.self_attn.q_proj"
+    with pytest.raises(ValueError, match=refusal):
         model.merge_and_unload()
     with pytest.raises(ValueError, match="model.layers.1.self_attn.q_proj"):
         model.merge_adapter()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # nothing half-merged
+
+
+def test_merge_into_the_dequantized_base(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    folder = packed_base(LlamaForCausalLM, tiny_llama_dir, tmp_path, TBNConfig(min_compress_size=0))
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(folder), lora)
+    batch = {"input_ids": torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))}
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path / "adapter")
+    dense = LlamaForCausalLM.from_pretrained(folder).dequantize()
+    merged = PeftModel.from_pretrained(dense, tmp_path / "adapter").merge_and_unload()
+    assert not list(tbn_layers(merged))
+    torch.testing.assert_close(logits(merged, batch), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_target_that_is_not_there(tiny_llama_dir: Path) -> None:
