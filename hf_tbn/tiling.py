@@ -149,9 +149,10 @@ def tiled_outputs(
     dim = dim % y_tile.dim()
     p = alpha.numel()
     trailing = (1,) * (y_tile.dim() - dim - 1)
-    scale = alpha.to(y_tile.dtype).view((p, 1, *trailing))
+    scale = (alpha if alpha.dtype == y_tile.dtype else alpha.to(y_tile.dtype)).view((p, 1, *trailing))
     if bias is None:
         y = y_tile.unsqueeze(dim) * scale
     else:
-        y = torch.addcmul(bias.to(y_tile.dtype).view((p, -1, *trailing)), y_tile.unsqueeze(dim), scale)
+        bias = bias if bias.dtype == y_tile.dtype else bias.to(y_tile.dtype)
+        y = torch.addcmul(bias.view((p, -1, *trailing)), y_tile.unsqueeze(dim), scale)
     return y.flatten(dim, dim + 1)

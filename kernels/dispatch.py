@@ -30,15 +30,15 @@ def triton_module() -> ModuleType:
 
 def resolve_backend(requested: str, x: torch.Tensor, layer_name: str) -> str:
     """``"torch"`` or ``"triton"`` for a packed forward on ``x``; ValueError naming the layer otherwise."""
-    from ..config import BACKENDS  # config imports the layers, which import this module
-
-    if requested not in BACKENDS:
-        raise ValueError(f"{layer_name}: backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "torch":
         return "torch"
     if requested == "auto":
         usable = x.is_cuda and triton_available()
         return "triton" if usable and x.dtype in triton_module().DTYPES else "torch"
+    if requested != "triton":
+        from ..config import BACKENDS  # config imports the layers, which import this module
+
+        raise ValueError(f"{layer_name}: backend must be one of {BACKENDS}, got {requested!r}")
     if not triton_available():
         raise ValueError(f"{layer_name}: backend='triton' needs the triton package (pip install 'hf-tbn[triton]')")
     kernels = triton_module()

@@ -22,6 +22,7 @@ BYTE_TABLE_MAX_ROWS = 4
 CHUNK_VALUES = 1 << 20
 
 _SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_GROUP_OFFSETS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -35,9 +36,10 @@ def sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def unpack_signs(bits: torch.Tensor, length: int, dtype: torch.dtype, start: int = 0) -> torch.Tensor:
     """Tile values ``start .. start + length`` (+-1 in ``dtype``) of the packed ``bits``, like ``unpack_bits``."""
-    used = bits[start // 8 : (start + length + 7) // 8]
+    first, stop = start // 8, (start + length + 7) // 8
+    used = bits if first == 0 and stop == bits.numel() else bits[first:stop]
     values = sign_table(dtype, bits.device).index_select(0, used.int()).view(-1)
-    return values[start % 8 : start % 8 + length]
+    return values if start % 8 == 0 and length == values.numel() else values[start % 8 : start % 8 + length]
 
 
 def _byte_table_matmul(x: torch.Tensor, bits: torch.Tensor, rows: int) -> torch.Tensor:
@@ -50,10 +52,14 @@ def _byte_table_matmul(x: torch.Tensor, bits: torch.Tensor, rows: int) -> torch.
     m, k = x.shape
     groups = k // 8
     signs = sign_table(torch.float32, x.device)
-    table = (x.float().reshape(m, groups, 8) @ signs.t()).view(m, groups * 256)
-    offsets = torch.arange(0, groups * 256, 256, dtype=torch.int32, device=x.device)
-    index = (bits.view(rows, groups) + offsets).view(-1)
-    return table.index_select(1, index).view(m, rows, groups).sum(dim=2).to(x.dtype)
+    x32 = x if x.dtype == torch.float32 else x.float()
+    table = (x32.reshape(m, groups, 8) @ signs.t()).view(m, groups * 256)
+    key = (groups, x.device)
+    if key not in _GROUP_OFFSETS:
+        _GROUP_OFFSETS[key] = torch.arange(0, groups * 256, 256, dtype=torch.int32, device=x.device)
+    index = (bits.view(rows, groups) + _GROUP_OFFSETS[key]).view(-1)
+    y = table.index_select(1, index).view(m, rows, groups).sum(dim=2)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _expanded_matmul(x: torch.Tensor, bits: torch.Tensor, rows: int) -> torch.Tensor:
