@@ -184,7 +184,8 @@ def _call(op: Op, base: str, src: str, dst: str, emitter: _Emitter) -> list[str]
         weights, suffix = emitter.floats(base + "_weight", op.weight, op.name, weight=True), "f32"
     if op.geometry is not None:
         geom = emitter.geometry(base + "_geom", op.geometry, op.name)
-        first = f"    tbn_rt_conv2d_{suffix}({src}, {geom}, {weights}, {dst});"
+        args = f"{weights}, NULL" if op.bits is not None else f"NULL, {weights}"
+        first = f"    tbn_rt_conv2d({src}, {geom}, {args}, {dst});"
     else:
         first = f"    tbn_rt_linear_{suffix}({src}, {op.in_shape[0]}u, {op.rows}u, {weights}, {dst});"
     if op.scale is None and op.bias is None:

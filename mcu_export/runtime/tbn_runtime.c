@@ -3,9 +3,8 @@
 
 #include <stddef.h>
 
-/* The weight term of one multiply-accumulate: a +-1 tile bit or a float32 weight. */
+/* +-xv for bit idx of a tile (hf_tbn.tiling bit order). */
 #define TBN_RT_BIT_TERM(w, idx, xv) ((((w)[(idx) >> 3] >> ((idx) & 7u)) & 1u) ? (xv) : -(xv))
-#define TBN_RT_F32_TERM(w, idx, xv) ((w)[idx] * (xv))
 
 /* +-x for tile bit k of byte b. */
 #define TBN_RT_PM(b, k, xv) ((((b) >> (k)) & 1u) ? (xv) : -(xv))
@@ -47,36 +46,48 @@ void tbn_rt_linear_f32(const float *x, uint32_t in, uint32_t rows, const float *
     }
 }
 
-/* One convolution loop nest, instantiated for both weight kinds. */
-#define TBN_RT_DEFINE_CONV2D(NAME, WTYPE, TERM)                                           \
-    void NAME(const float *x, const tbn_rt_geom_t *g, const WTYPE *w, float *y) {         \
-        uint32_t oc, oy, ox, ic, ky, kx;                                                  \
-        const uint32_t taps = (uint32_t)g->in_c * g->k_h * g->k_w;                        \
-        for (oc = 0; oc < g->out_c; ++oc) {                                               \
-            for (oy = 0; oy < g->out_h; ++oy) {                                           \
-                for (ox = 0; ox < g->out_w; ++ox) {                                       \
-                    float acc = 0.0f;                                                     \
-                    for (ic = 0; ic < g->in_c; ++ic) {                                    \
-                        const float *xc = x + (uint32_t)ic * g->in_h * g->in_w;           \
-                        for (ky = 0; ky < g->k_h; ++ky) {                                 \
-                            int32_t iy = (int32_t)(oy * g->stride_h + ky * g->dil_h) - g->pad_h; \
-                            uint32_t idx = oc * taps + (ic * g->k_h + ky) * g->k_w;       \
-                            if (iy < 0 || iy >= (int32_t)g->in_h) continue;              \
-                            for (kx = 0; kx < g->k_w; ++kx, ++idx) {                      \
-                                int32_t ix = (int32_t)(ox * g->stride_w + kx * g->dil_w) - g->pad_w; \
-                                if (ix < 0 || ix >= (int32_t)g->in_w) continue;          \
-                                acc += TERM(w, idx, xc[(uint32_t)iy * g->in_w + (uint32_t)ix]); \
-                            }                                                             \
-                        }                                                                 \
-                    }                                                                     \
-                    y[(oc * g->out_h + oy) * g->out_w + ox] = acc;                        \
-                }                                                                         \
-            }                                                                             \
-        }                                                                                 \
-    }
+/* Output positions [first, end) along one axis whose input index o * stride + offset is inside [0, in). */
+static void tbn_rt_valid(int32_t offset, uint32_t stride, uint32_t in, uint32_t out, uint32_t *first, uint32_t *end) {
+    const int32_t last = (int32_t)in - 1 - offset;
+    uint32_t f = offset >= 0 ? 0u : ((uint32_t)(-offset) + stride - 1u) / stride;
+    uint32_t e = last < 0 ? 0u : (uint32_t)last / stride + 1u;
+    e = e < out ? e : out;
+    *first = f;
+    *end = e > f ? e : f;
+}
 
-TBN_RT_DEFINE_CONV2D(tbn_rt_conv2d_bits, uint8_t, TBN_RT_BIT_TERM)
-TBN_RT_DEFINE_CONV2D(tbn_rt_conv2d_f32, float, TBN_RT_F32_TERM)
+/* Weight-stationary loop nest: for each output channel and tap, the weight (a tile bit as
+ * +-1, or a float) is read once and applied to every output position the tap reaches, so
+ * the inner loop has no bounds checks. Each output sums its taps in (ic, ky, kx) order. */
+void tbn_rt_conv2d(const float *x, const tbn_rt_geom_t *g, const uint8_t *bits, const float *w, float *y) {
+    const uint32_t plane = (uint32_t)g->out_h * g->out_w, in_plane = (uint32_t)g->in_h * g->in_w;
+    uint32_t oc, ic, ky, kx, oy, ox, idx = 0;
+    for (oc = 0; oc < g->out_c; ++oc) {
+        float *yc = y + oc * plane;
+        for (ox = 0; ox < plane; ++ox) yc[ox] = 0.0f;
+        for (ic = 0; ic < g->in_c; ++ic) {
+            const float *xc = x + ic * in_plane;
+            for (ky = 0; ky < g->k_h; ++ky) {
+                const int32_t off_y = (int32_t)(ky * g->dil_h) - g->pad_h;
+                uint32_t oy0, oy1;
+                tbn_rt_valid(off_y, g->stride_h, g->in_h, g->out_h, &oy0, &oy1);
+                for (kx = 0; kx < g->k_w; ++kx, ++idx) {
+                    const int32_t off_x = (int32_t)(kx * g->dil_w) - g->pad_w;
+                    const float v = bits != NULL ? TBN_RT_BIT_TERM(bits, idx, 1.0f) : w[idx];
+                    uint32_t ox0, ox1;
+                    tbn_rt_valid(off_x, g->stride_w, g->in_w, g->out_w, &ox0, &ox1);
+                    for (oy = oy0; oy < oy1; ++oy) {
+                        const float *xr = xc + (uint32_t)((int32_t)(oy * g->stride_h) + off_y) * g->in_w;
+                        float *yr = yc + oy * g->out_w;
+                        for (ox = ox0; ox < ox1; ++ox) {
+                            yr[ox] += v * xr[(int32_t)(ox * g->stride_w) + off_x];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
 
 void tbn_rt_copies(float *y, uint32_t rows, uint32_t spatial, uint32_t p, const float *scale,
                    int scale_per_channel, const float *bias) {

@@ -21,9 +21,9 @@ typedef struct {
 void tbn_rt_linear_bits(const float *x, uint32_t in, uint32_t rows, const uint8_t *bits, float *y);
 void tbn_rt_linear_f32(const float *x, uint32_t in, uint32_t rows, const float *w, float *y);
 
-/* Convolution of x (in_c, in_h, in_w) with the g->out_c rows of a tile or weight. */
-void tbn_rt_conv2d_bits(const float *x, const tbn_rt_geom_t *g, const uint8_t *bits, float *y);
-void tbn_rt_conv2d_f32(const float *x, const tbn_rt_geom_t *g, const float *w, float *y);
+/* Convolution of x (in_c, in_h, in_w) with the g->out_c rows of a tile (bits, w NULL)
+ * or of a float32 weight (w, bits NULL). */
+void tbn_rt_conv2d(const float *x, const tbn_rt_geom_t *g, const uint8_t *bits, const float *w, float *y);
 
 /* In place: y holds rows*spatial tile outputs; writes the p copies, copy i scaled by
  * scale[i] (scale_per_channel = 0) or channel c by scale[c] (= 1, BatchNorm folded),
