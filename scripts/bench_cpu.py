@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -93,13 +92,17 @@ def layer_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int], rep
 
 
 # -- end to end: SmolLM2-135M, each variant in its own process ---------------------------------------
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status in MB (``VmRSS`` now, ``VmHWM`` peak of this address space).
 
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    Not ``getrusage``: its ``ru_maxrss`` survives ``fork`` + ``exec``, so a child would report
+    the parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def child_prepare(work: Path) -> dict:
@@ -136,7 +139,7 @@ def child_run(work: Path, variant: str, tokens: int) -> dict:
 
     if variant == "tbn":
         import hf_tbn  # noqa: F401  (registers the "tbn" quantizer; the fp32 run does not need it)
-    after_imports = _rss_mb()
+    after_imports = _status_mb("VmRSS")
     tokenizer = AutoTokenizer.from_pretrained(work / "fp32")
     model = AutoModelForCausalLM.from_pretrained(work / variant, dtype=torch.float32).eval()
     inputs = tokenizer(PROMPT, return_tensors="pt")
@@ -147,7 +150,7 @@ def child_run(work: Path, variant: str, tokens: int) -> dict:
         seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1] :]
     return {
-        "tokens_per_s": len(new) / seconds, "peak_rss_mb": _peak_mb(), "rss_after_imports_mb": after_imports,
+        "tokens_per_s": len(new) / seconds, "peak_rss_mb": _status_mb("VmHWM"), "rss_after_imports_mb": after_imports,
         "text": tokenizer.decode(new[:12]),
     }
 
