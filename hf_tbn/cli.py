@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Sequence
 
 # Modules that each provide ``add_parser(subparsers)``; the parser's ``func`` runs the command.
-COMMAND_MODULES: tuple[str, ...] = ("hf_tbn.mcu_export.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("hf_tbn.commands", "hf_tbn.mcu_export.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
