@@ -6,12 +6,14 @@ import csv
 import json
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
+import transformers.utils.hub as hf_hub_utils
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from hf_tbn import tbn_layers
+from hf_tbn import TBNConfig, hub, tbn_layers
 from hf_tbn.cli import main
 from hf_tbn.demo import DemoBudget, fresh_run_dir
 
@@ -88,3 +90,39 @@ def test_demo_runs_end_to_end_twice_into_fresh_folders(tmp_path: Path, capsys: p
     assert len(runs) == 1 and (runs[0] / "tbn-packed" / "README.md").is_file()
     assert fresh_run_dir(tmp_path) != runs[0]  # a second run in the same second still gets its own folder
     assert DemoBudget().compression_factor == 4
+
+
+def test_push_to_hub_keeps_the_tbn_card(fp_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standard ``PreTrainedModel.push_to_hub`` path, with the Hub replaced by a local folder."""
+    remote = tmp_path / "remote"
+    cards: dict[str, str] = {}
+
+    class FakeApi:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def create_repo(self, repo_id: str, **kwargs: object) -> object:
+            remote.mkdir(exist_ok=True)
+            return type("Repo", (), {"repo_id": repo_id})()
+
+    def upload(self: object, working_dir: str, repo_id: str, *args: object, **kwargs: object) -> None:
+        for f in Path(working_dir).iterdir():
+            (remote / f.name).write_bytes(f.read_bytes())
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hf_hub_utils, "hf_api", FakeApi)
+    monkeypatch.setattr(huggingface_hub.ModelCard, "push_to_hub",
+                        lambda self, repo_id, **kw: cards.__setitem__(repo_id, str(self)))
+    monkeypatch.setattr(huggingface_hub.ModelCard, "load",
+                        classmethod(lambda cls, repo_id, **kw: cls(cards[repo_id])))
+    monkeypatch.setattr(hf_hub_utils.PushToHubMixin, "_upload_modified_files", upload)
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        fp_folder, quantization_config=TBNConfig(min_compress_size=0, form="packed"))
+    hub.push_to_hub(model, "me/tiny-tbn", base_model="tiny-bert")
+    card = (remote / "README.md").read_text()
+    assert "base_model: tiny-bert" in card and "import hf_tbn" in card and "- hf-tbn" in card
+    assert 'from_pretrained("me/tiny-tbn")' in card
+    again = AutoModelForSequenceClassification.from_pretrained(remote)
+    assert again.config.quantization_config.form == "packed" and list(tbn_layers(again))
+
