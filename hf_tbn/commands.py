@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     budget = DemoBudget(compression_factor=args.p, max_length=args.max_length, train_steps=args.steps,
-                        batch_size=args.batch_size, seed=args.seed)
+                        batch_size=args.batch_size, eval_examples=args.eval_examples, seed=args.seed)
     run_demo(Path(args.output_dir), budget)
     return 0
 
@@ -151,5 +151,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--steps", type=int, default=DemoBudget.train_steps)
     d.add_argument("--batch-size", type=int, default=DemoBudget.batch_size)
     d.add_argument("--max-length", type=int, default=DemoBudget.max_length)
+    d.add_argument("--eval-examples", type=int, help="evaluate on the first N test articles (default all)")
     d.add_argument("--seed", type=int, default=DemoBudget.seed)
     d.set_defaults(func=cmd_demo)

@@ -79,7 +79,7 @@ def test_train_from_full_precision_and_from_tbn(fp_folder: Path, tmp_path: Path)
 
 def test_demo_runs_end_to_end_twice_into_fresh_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A shrunken budget (the README's default is the full one): same path, every line of the table."""
-    budget = ["--steps", "2", "--max-length", "24", "--batch-size", "4"]
+    budget = ["--steps", "2", "--max-length", "24", "--batch-size", "4", "--eval-examples", "24"]
     assert main(["demo", "--output-dir", str(tmp_path), *budget]) == 0
     out = capsys.readouterr().out
     for line in ("accuracy, TBN p=4 after QAT", "bits per weight", "checkpoint MB vs full-precision",
