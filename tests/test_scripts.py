@@ -1,4 +1,4 @@
-"""The benchmark scripts of the foundation run (quick mode) so they cannot rot."""
+"""The benchmark and quality scripts run in their quick modes so they cannot rot."""
 
 from __future__ import annotations
 
@@ -6,15 +6,54 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(name: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args],
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
+
+
 def test_bench_train_quick() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--quick"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    stdout = run_script("bench_train.py", "--quick")
+    rows = [line.split() for line in stdout.splitlines()[2:]]
     assert len(rows) == 6
     assert all(float(row[-1]) > 0 for row in rows)  # a ratio was measured for every row
+
+
+def table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ")]
+
+
+@pytest.mark.parametrize(
+    ("script", "tasks", "variants"),
+    [
+        ("quality_fashion_mnist.py", ["fashion_mnist-mlp", "fashion_mnist-cnn"], 6),
+        ("quality_bbc.py", ["bbc"], 2),
+        ("quality_timeseries.py", ["timeseries"], 2),
+    ],
+)
+def test_quality_script_quick(tmp_path: Path, script: str, tasks: list[str], variants: int) -> None:
+    stdout = run_script(script, "--quick", "--out", str(tmp_path))
+    check_published(tmp_path, stdout, tasks, variants)
+
+
+def test_quality_lm_quick(tmp_path: Path, smollm2_dir: Path) -> None:
+    stdout = run_script("quality_lm.py", "--quick", "--out", str(tmp_path), "--cache", str(smollm2_dir))
+    check_published(tmp_path, stdout, ["lm"], 2)
+
+
+def check_published(out: Path, stdout: str, tasks: list[str], variants: int) -> None:
+    """results.md holds exactly the tables the script printed, and every task has its plot."""
+    printed = table_lines(stdout)
+    assert len(printed) == len(tasks) * (2 + variants)
+    document = (out / "results.md").read_text()
+    assert table_lines(document) == printed
+    for task in tasks:
+        assert (out / "results" / f"{task}.json").exists()
+        assert (out / "results" / f"{task}.png").stat().st_size > 1000
+        assert f"](results/{task}.png)" in document
