@@ -40,8 +40,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Load, export, print the plan; a refused model prints the reason and returns 1."""
-    import hf_tbn  # noqa: F401  (registers the TBN layer classes the pickle refers to)
-
     model = torch.load(args.model, map_location="cpu", weights_only=False)
     if not isinstance(model, torch.nn.Module):
         print(f"hf-tbn export-mcu: error: {args.model} holds a {type(model).__name__}, not a module", file=sys.stderr)

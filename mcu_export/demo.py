@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_tbn.layers import TBNConv2d, TBNLinear
+from ..layers import TBNConv2d, TBNLinear
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics

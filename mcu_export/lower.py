@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hf_tbn.convert import pack_model
-from hf_tbn.layers import TBNConv2d, TBNLayer, TBNLinear
+from ..convert import pack_model
+from ..layers import TBNConv2d, TBNLayer, TBNLinear
 
 WEIGHTED = (TBNLinear, TBNConv2d, nn.Linear, nn.Conv2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)

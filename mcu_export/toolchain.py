@@ -128,7 +128,8 @@ class Footprint:
 
     @property
     def flash(self) -> int:
-        return self.text + self.rodata + self.data
+        """Code and constants (``.data`` initial values, 0 for exported models, are not added)."""
+        return self.text + self.rodata
 
     @property
     def ram(self) -> int:

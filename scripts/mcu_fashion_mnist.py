@@ -58,7 +58,7 @@ def evaluate(name: str, model: nn.Module, data: dict[str, torch.Tensor], board_i
           f"({board.instructions_per_tick:.2f} instructions/tick); footprint {fp}")
     return (
         f"| {name} | {py_acc:.2%} | {board_acc:.2%} ({board_images}) | {board_same:.2%} "
-        f"| {export.plan.generated.weight_bytes:,} | {fp.text + fp.rodata:,} | {fp.data + fp.bss:,} "
+        f"| {export.plan.generated.weight_bytes:,} | {fp.flash:,} | {fp.ram:,} "
         f"| {board.instructions_per_inference:,.0f} |"
     )
 

@@ -30,7 +30,6 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def fashion() -> dict[str, torch.Tensor]:
-    torch.set_num_threads(2)
     x, y = demo.load_fashion_mnist("train")
     xt, yt = demo.load_fashion_mnist("test")
     return {"x": x[:12000], "y": y[:12000], "xt": xt[:HOST_IMAGES], "yt": yt[:HOST_IMAGES]}
