@@ -82,8 +82,8 @@ class _Emitter:
 
 
 def _comment(text: str) -> str:
-    """Text safe inside a C block comment (module names may hold any character)."""
-    return re.sub(r"[^ -~]", "?", text).replace("*/", "* /").replace("/*", "/ *")
+    """Text safe inside a C block comment (module names may hold any character; no trigraphs)."""
+    return re.sub(r"[^ -~]|\?", "_", text).replace("*/", "* /").replace("/*", "/ *")
 
 
 def _numel(shape: tuple[int, ...]) -> int:
