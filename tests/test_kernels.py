@@ -93,6 +93,14 @@ def test_torch_path_matches(m: int, k: int, rows: int, monkeypatch: pytest.Monke
     assert rel_err(torch_path.packed_linear(x, bits, alpha, bias, rows), reference(x, bits, alpha, bias, rows)) < 1e-5
 
 
+@pytest.mark.parametrize("m", [1, 16])
+def test_torch_path_bf16(m: int) -> None:
+    bits, alpha, bias = random_tile(40, 64, 2, seed=m)
+    x = torch.randn(m, 64).bfloat16()
+    y = torch_path.packed_linear(x, bits, alpha, bias, 40)
+    assert y.dtype == torch.bfloat16 and rel_err(y, reference(x, bits, alpha, bias, 40)) < 1e-2
+
+
 def test_unpack_signs_matches_unpack_bits() -> None:
     bits = tiling.pack_bits(torch.randn(61))
     for start, length in [(0, 61), (3, 50), (8, 16), (13, 1)]:
