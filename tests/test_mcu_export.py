@@ -79,6 +79,14 @@ def test_tiled_layer_uses_compute_reuse_and_tiling_bits(trained: dict[str, nn.Mo
     assert plan.generated.weight_bytes == model.fc1.storage_bytes() + model.fc2.storage_bytes()
 
 
+def test_footprint_counts_the_models_constants_and_arena(tmp_path: Path) -> None:
+    export = export_model(demo.mlp(4, 1), (1, 28, 28), tmp_path)
+    fp = tc.footprint(export)
+    assert fp.rodata == export.plan.flash_bytes == 3316
+    assert fp.bss == export.plan.ram_bytes and fp.data == 0
+    assert 0 < fp.text < 2048  # tbn_model_run and the three kernels it calls, nothing else
+
+
 def test_latent_model_is_not_modified_and_exports_like_packed(trained: dict[str, nn.Module]) -> None:
     model = trained["mlp"]
     before = model.fc1.weight.detach().clone()
