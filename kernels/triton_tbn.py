@@ -79,7 +79,7 @@ def _tbn_matmul_kernel(
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(m: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def _blocks(m: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)``: narrow N blocks for decoding (more programs), big tiles for GEMM."""
     block_k = 32 if dtype == torch.float32 else 64
     if m <= 16:
@@ -111,13 +111,15 @@ def tbn_matmul(
     if bits.dtype != torch.uint8 or bits.numel() * 8 < (row0 + rows) * k:
         need = (row0 + rows) * k
         raise ValueError(f"tbn_matmul: bits must be uint8 holding {need} values, got {bits.dtype} {bits.numel()} bytes")
+    if any(t.device != x.device for t in (bits, alpha, bias) if t is not None):
+        raise ValueError(f"tbn_matmul: x, bits, alpha and bias must be on one device, x is on {x.device}")
     if bias is not None and bias.numel() != p * rows:
         raise ValueError(f"tbn_matmul: bias has {bias.numel()} values, expected p * rows = {p * rows}")
     if out is None:
         out = x.new_empty(m, p * rows)
     elif out.shape != (m, p * rows):
         raise ValueError(f"tbn_matmul: out has shape {tuple(out.shape)}, expected {(m, p * rows)}")
-    block_m, block_n, block_k, warps = _blocks(m, k, x.dtype)
+    block_m, block_n, block_k, warps = _blocks(m, x.dtype)
     upcast = INTERPRETED and x.dtype == torch.bfloat16
     grid = (triton.cdiv(m, block_m), triton.cdiv(rows, block_n))
     _tbn_matmul_kernel[grid](

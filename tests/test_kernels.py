@@ -79,6 +79,8 @@ def test_kernel_rejects_bad_arguments() -> None:
         triton_tbn.tbn_matmul(torch.randn(2, 16, dtype=torch.float64), bits, alpha, bias, 4)
     with pytest.raises(ValueError, match="bits must be uint8 holding 80 values"):
         triton_tbn.tbn_matmul(torch.randn(2, 16), bits, alpha, bias, 5)
+    with pytest.raises(ValueError, match="must be on one device, x is on meta"):
+        triton_tbn.tbn_matmul(torch.randn(2, 16, device="meta"), bits, alpha, bias, 4)
     with pytest.raises(ValueError, match="bias has 8 values, expected p \\* rows = 6"):
         triton_tbn.tbn_matmul(torch.randn(2, 16), bits, alpha[:1].repeat(2), bias, 3)
 
