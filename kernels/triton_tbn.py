@@ -80,10 +80,14 @@ def _tbn_matmul_kernel(
 
 
 def _blocks(m: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)``: narrow N blocks for decoding (more programs), big tiles for GEMM."""
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)`` (a heuristic, not yet tuned on a GPU).
+
+    Decoding (``M <= 16``) is latency bound: 16-row N blocks give more programs and long K
+    blocks fewer serial steps (4096 inputs in 16 steps of 256). GEMM sizes use square tiles.
+    """
     block_k = 32 if dtype == torch.float32 else 64
     if m <= 16:
-        return 16, 32, 2 * block_k, 4
+        return 16, 16, 4 * block_k, 4
     if m <= 64:
         return 64, 64, block_k, 4
     return 128, 128, block_k, 8
