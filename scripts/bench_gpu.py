@@ -13,7 +13,8 @@
    TFLOP/s (dense-equivalent 2*M*in*out / time) and the issue's targets.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 is set before
-triton is imported); ``--quick`` uses tiny shapes so CI can run it on CPU.
+triton is imported); ``--quick`` uses tiny shapes so CI can run it on CPU. On the GPU
+machine: ``pip install --no-deps --no-build-isolation -e .`` then ``python scripts/bench_gpu.py``.
 """
 
 from __future__ import annotations
