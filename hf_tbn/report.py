@@ -101,10 +101,12 @@ def format_table(model: nn.Module, max_rows: int | None = None) -> str:
 def format_summary(s: Summary) -> str:
     """Totals: converted layers, bits per weight, packed model size against the dense sizes."""
     fp16, fp32 = s.dense_bytes(2), s.dense_bytes(4)
+    packed16 = s.converted_bytes + s.other_bytes - s.other_float_bytes + 2 * s.other_float_elements
     return "\n".join([
         f"converted layers: {s.layers}, {s.converted_weights:,} weights -> {s.converted_bytes:,} bytes packed "
         f"({s.bits_per_weight:.3f} bits per weight; fp16 {2 * s.converted_weights:,} bytes, "
         f"{2 * s.converted_weights / max(s.converted_bytes, 1):.1f}x smaller)",
-        f"whole model packed: {s.packed_bytes / MB:.2f} MB (unconverted tensors {s.other_bytes / MB:.2f} MB) "
-        f"vs fp16/bf16 {fp16 / MB:.2f} MB ({fp16 / s.packed_bytes:.2f}x) and fp32 {fp32 / MB:.2f} MB",
+        f"whole model packed: {s.packed_bytes / MB:.2f} MB as stored (unconverted {s.other_bytes / MB:.2f} MB), "
+        f"{packed16 / MB:.2f} MB with them in fp16/bf16; dense: fp16/bf16 {fp16 / MB:.2f} MB "
+        f"({fp16 / packed16:.2f}x), fp32 {fp32 / MB:.2f} MB",
     ])

@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 import hf_tbn
 from hf_tbn import TBNConfig, TBNConv2d, TBNLinear, tbn_layers
+from hf_tbn.report import summarize
 
 TINY = TBNConfig(compression_factor=4, min_compress_size=0)
 
@@ -126,6 +127,10 @@ def test_minilm_sequence_classification(minilm_dir: Path, tmp_path: Path) -> Non
     assert packed_layer_bytes(packed) == 336_976
     weights = sum(layer.numel for _, layer in tbn_layers(packed))
     assert weights == 10_764_288 and 8 * 336_976 / weights == pytest.approx(0.2504, abs=1e-4)
+    summary = summarize(packed)  # what `hf-tbn inspect` and the model card report
+    assert (summary.converted_weights, summary.converted_bytes) == (10_764_288, 336_976)
+    saved = (tmp_path / "packed" / "model.safetensors").stat().st_size
+    assert 0 < saved - summary.packed_bytes < 100_000  # the file is the packed model plus its header
 
 
 @pytest.mark.slow
