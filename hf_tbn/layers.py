@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair, _single
 
-from . import kernels, tiling
+from . import tiling
+from .kernels.dispatch import resolve_backend
+from .kernels.torch_path import packed_linear
 
 Form = Literal["latent", "packed"]
 FORMS: tuple[str, ...] = ("latent", "packed")
@@ -135,7 +137,7 @@ class TBNLayer(nn.Module):
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tile applied once, ``p`` scaled copies, on the path ``self.backend`` selects (hf_tbn.kernels)."""
-        return self._apply_tile(x, kernels.resolve_backend(self.backend, x, self.layer_name))
+        return self._apply_tile(x, resolve_backend(self.backend, x, self.layer_name))
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -242,7 +244,7 @@ class TBNLinear(TBNLayer):
 
             y = tbn_linear(x2d, self.tile, self.alpha, self.bias, rows)
         else:
-            y = kernels.packed_linear(x2d, self.tile, self.alpha, self.bias, rows)
+            y = packed_linear(x2d, self.tile, self.alpha, self.bias, rows)
         return y.view(*x.shape[:-1], self.out_features)
 
     def dense_module(self) -> nn.Linear:
@@ -303,7 +305,7 @@ class _TBNConvNd(TBNLayer):
                 x, self.tile, self.alpha, self.bias, tuple(self.weight_shape), self.stride, self.padding,
                 self.dilation, self.groups,
             )
-        tile = kernels.unpack_signs(self.tile, self.tile_length, x.dtype).view(self.tile_shape)
+        tile = tiling.unpack_bits(self.tile, self.tile_length, x.dtype).view(self.tile_shape)
         channel_dim = -1 - len(self.kernel_size)  # counted from the end: batched or not
         if self.groups == 1:
             return tiling.tiled_outputs(self._conv_with(x, tile, None, 1), self.alpha, channel_dim, self.bias)

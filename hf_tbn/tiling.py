@@ -26,6 +26,7 @@ AlphaMode = Literal["per_tile", "per_layer"]
 ALPHA_MODES: tuple[str, ...] = ("per_tile", "per_layer")
 
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+_SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def tile_length(numel: int, p: int) -> int:
@@ -94,16 +95,31 @@ def pack_bits(tile: torch.Tensor) -> torch.Tensor:
     return (bits.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
 
 
+def sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(256, 8)`` table: row ``b`` holds the 8 signs byte ``b`` encodes in the tile bit order."""
+    key = (dtype, device)
+    if key not in _SIGN_TABLES:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _SIGN_TABLES[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
+    return _SIGN_TABLES[key]
+
+
+def unpack_range(packed: torch.Tensor, start: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Tile values ``start .. start + length`` as +-1 in ``dtype``, one table lookup per byte."""
+    first, stop = start // 8, (start + length + 7) // 8
+    used = packed if first == 0 and stop == packed.numel() else packed[first:stop]
+    values = sign_table(dtype, packed.device).index_select(0, used.int()).view(-1)
+    return values if start % 8 == 0 and length == values.numel() else values[start % 8 : start % 8 + length]
+
+
 def unpack_bits(packed: torch.Tensor, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: ``length`` values of +-1 in ``dtype``."""
+    """Inverse of :func:`pack_bits`: the whole tile of ``length`` values of +-1 in ``dtype``."""
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise ValueError(f"packed tile must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
     if packed.numel() != packed_nbytes(length):
         need = packed_nbytes(length)
         raise ValueError(f"packed tile has {packed.numel()} bytes, a tile of {length} bits needs {need}")
-    shifts = _BIT_SHIFTS.to(packed.device)
-    bits = (packed.unsqueeze(1) >> shifts) & 1
-    return bits.flatten()[:length].to(dtype) * 2 - 1
+    return unpack_range(packed, 0, length, dtype)
 
 
 def packed_nbytes(length: int) -> int:

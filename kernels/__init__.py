@@ -5,10 +5,8 @@
 - :mod:`.conv`: Conv1d/Conv2d on that kernel through unfold.
 - :mod:`.dispatch`: which path a layer takes (``backend`` = "auto" | "torch" | "triton").
 
-Only the torch path and the dispatcher are imported here; Triton is imported on first use.
+Nothing is imported here: run from a checkout's root, this folder is also importable as a
+top-level ``kernels``, the name transformers imports while probing for Hugging Face's own
+``kernels`` package (DESIGN.md section 3); an empty module passes that probe harmlessly.
+Triton is imported on first use.
 """
-
-from .dispatch import resolve_backend, triton_available, triton_module
-from .torch_path import packed_linear, unpack_signs
-
-__all__ = ["packed_linear", "resolve_backend", "triton_available", "triton_module", "unpack_signs"]

@@ -1,10 +1,10 @@
 """The torch compute-reuse path for packed tiles: ``out/p`` outputs computed once, written ``p`` times.
 
 Used on CPU (and wherever Triton is not chosen). Nothing dense is cached: the tile is
-expanded from its bits on every call, through a 256 x 8 table of signs (one row per byte
-value), which costs one pass over the ``L = N/p`` tile values instead of the several passes
-of :func:`hf_tbn.tiling.unpack_bits`. For a few input rows (decoding) even that is skipped:
-the product is read from per-byte partial sums of the input (:func:`_byte_table_matmul`).
+expanded from its bits on every call, through the 256 x 8 table of signs of
+:func:`hf_tbn.tiling.sign_table` (one pass over the ``L = N/p`` tile values). For a few input
+rows (decoding) even that is skipped: the product is read from per-byte partial sums of the
+input (:func:`_byte_table_matmul`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..tiling import tiled_outputs
+from ..tiling import sign_table, tiled_outputs, unpack_range
 
 # Rows of x up to which the byte-table product beats expanding the tile (timed side by side
 # on 384..4096-wide layers: clearly ahead at M = 1, about even at M = 4, behind at M = 16).
@@ -21,25 +21,7 @@ BYTE_TABLE_MAX_ROWS = 4
 # row chunks so the expanded signs stay in cache and big allocations are not page-faulted.
 CHUNK_VALUES = 1 << 20
 
-_SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 _GROUP_OFFSETS: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(256, 8)`` table: row ``b`` holds the 8 signs byte ``b`` encodes (LSB first, set = +1)."""
-    key = (dtype, device)
-    if key not in _SIGN_TABLES:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        _SIGN_TABLES[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
-    return _SIGN_TABLES[key]
-
-
-def unpack_signs(bits: torch.Tensor, length: int, dtype: torch.dtype, start: int = 0) -> torch.Tensor:
-    """Tile values ``start .. start + length`` (+-1 in ``dtype``) of the packed ``bits``, like ``unpack_bits``."""
-    first, stop = start // 8, (start + length + 7) // 8
-    used = bits if first == 0 and stop == bits.numel() else bits[first:stop]
-    values = sign_table(dtype, bits.device).index_select(0, used.int()).view(-1)
-    return values if start % 8 == 0 and length == values.numel() else values[start % 8 : start % 8 + length]
 
 
 def _byte_table_matmul(x: torch.Tensor, bits: torch.Tensor, rows: int) -> torch.Tensor:
@@ -69,7 +51,7 @@ def _expanded_matmul(x: torch.Tensor, bits: torch.Tensor, rows: int) -> torch.Te
     parts = []
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
-        parts.append(F.linear(x, unpack_signs(bits, n * k, x.dtype, start=r0 * k).view(n, k)))
+        parts.append(F.linear(x, unpack_range(bits, r0 * k, n * k, x.dtype).view(n, k)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

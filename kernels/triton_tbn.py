@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .torch_path import unpack_signs
+from ..tiling import unpack_range
 
 _knobs = getattr(triton, "knobs", None)
 # Triton decides interpretation when a kernel is decorated, i.e. when this module is imported.
@@ -152,7 +152,7 @@ class _TBNMatmul(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:  # dL/dx = (sum_i alpha_i dL/dy_i) @ T: the backward reuses the tile too
             folded = (grad.reshape(-1, p, rows) * alpha.to(grad.dtype).view(1, p, 1)).sum(dim=1)
-            grad_x = folded @ unpack_signs(bits, rows * k, grad.dtype, start=ctx.row0 * k).view(rows, k)
+            grad_x = folded @ unpack_range(bits, ctx.row0 * k, rows * k, grad.dtype).view(rows, k)
         if ctx.needs_input_grad[3]:
             grad_bias = grad.sum(dim=0)
         return grad_x, None, None, grad_bias, None, None

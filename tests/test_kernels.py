@@ -103,11 +103,11 @@ def test_torch_path_bf16(m: int) -> None:
     assert y.dtype == torch.bfloat16 and rel_err(y, reference(x, bits, alpha, bias, 40)) < 1e-2
 
 
-def test_unpack_signs_matches_unpack_bits() -> None:
+def test_unpack_range_matches_unpack_bits() -> None:
     bits = tiling.pack_bits(torch.randn(61))
     for start, length in [(0, 61), (3, 50), (8, 16), (13, 1)]:
         expected = tiling.unpack_bits(bits, 61)[start : start + length]
-        assert torch.equal(torch_path.unpack_signs(bits, length, torch.float32, start), expected)
+        assert torch.equal(tiling.unpack_range(bits, start, length, torch.float32), expected)
 
 
 def packed_layers() -> list[tuple[str, nn.Module, torch.Tensor]]:
