@@ -6,11 +6,11 @@
 from .config import TBNConfig
 from .convert import convert_model, pack_model, plan_conversion, tbn_layers, to_latent_model
 from .layers import TBNConv1d, TBNConv2d, TBNLayer, TBNLinear
-from .lora import TBNLoraLinear, register_with_peft
+from .peft_hook import register_with_peft_on_import
 from .quantizer import TBNHfQuantizer, quantize_model, register
 
 register()
-register_with_peft()
+register_with_peft_on_import()
 
 __all__ = [
     "TBNConfig",
@@ -27,3 +27,12 @@ __all__ = [
     "tbn_layers",
     "to_latent_model",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The LoRA layer needs peft, imported only on first use (see hf_tbn.peft_hook).
+    if name == "TBNLoraLinear":
+        from .lora import TBNLoraLinear
+
+        return TBNLoraLinear
+    raise AttributeError(f"module 'hf_tbn' has no attribute {name!r}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,15 @@ def check_lora_on_packed(cls: type[PreTrainedModel], fp_dir: Path, tmp: Path, da
     model.save_pretrained(tmp / "adapter")
     reloaded = PeftModel.from_pretrained(cls.from_pretrained(folder), tmp / "adapter")
     assert torch.equal(logits(reloaded, batch), expected)
+
+
+def test_peft_imported_after_hf_tbn_gets_the_tbn_layers(tmp_path: Path) -> None:
+    # import hf_tbn does not import peft (about 200 MB); peft learns TBN layers when it is imported
+    check = ("import sys, hf_tbn; assert 'peft' not in sys.modules; from peft import LoraConfig; "
+             "assert hf_tbn.TBNLinear in LoraConfig(r=2)._custom_modules; print('ok')")
+    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
 
 
 def test_lora_on_packed_tiny_llama(tiny_llama_dir: Path, tmp_path: Path) -> None:
