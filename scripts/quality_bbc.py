@@ -9,12 +9,10 @@ fine-tune with Trainer (quantization-aware training); all variants share data, b
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
-from results import DOCS, Row, Task, factors_label, publish, size_report
+from results import Task, measure, publish, quality_parser
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -31,10 +29,7 @@ QUICK_FACTORS = [None, 4]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budget (CI smoke run)")
-    parser.add_argument("--out", type=Path, default=DOCS)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = quality_parser(__doc__)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=3e-4)
     args = parser.parse_args()
@@ -72,12 +67,9 @@ def main() -> None:
         if p is not None:
             pack_model(model)
         acc = accuracy(predict(model, test, collate), test)
-        bits_converted, bits_model, ckpt = size_report(model)
-        factors = dict(model.config.quantization_config.layer_factors) if p is not None else {}
-        rows.append(Row(factors_label(p), {"test accuracy %": 100 * acc}, bits_converted, bits_model, ckpt, seconds,
-                        factors))
-        print(f"bbc {rows[-1].variant}: accuracy {100 * acc:.2f}%  bits/weight {bits_converted:.3f}  {seconds:.0f}s",
-              flush=True)
+        rows.append(measure(p, model, {"test accuracy %": 100 * acc}, seconds))
+        print(f"bbc {rows[-1].variant}: accuracy {100 * acc:.2f}%  bits/weight {rows[-1].bits_converted:.3f}  "
+              f"{seconds:.0f}s", flush=True)
     publish(Task("bbc", "BBC News, all-MiniLM-L6-v2 fine-tuned (Trainer)", "test accuracy %", True, budget, rows,
                  notes="Converted: every encoder Linear (all above min_compress_size = 64,000 weights); "
                        "embeddings, LayerNorms and the classification head stay full precision."), args.out)

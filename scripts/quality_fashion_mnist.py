@@ -10,15 +10,13 @@ variants are the dense model converted with ``hf_tbn.convert_model`` before trai
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 from hf_tbn.mcu_export.demo import load_fashion_mnist, predict, train
-from results import DOCS, Row, Task, factors_label, publish, size_report
+from results import Task, measure, publish, quality_parser
 from torch import nn
 
 from hf_tbn import TBNConfig, convert_model, pack_model
@@ -63,10 +61,8 @@ def run_task(name: str, build: type[nn.Module] | object, data: dict[str, torch.T
         seconds = time.time() - start
         pack_model(model)
         acc = float((predict(model, data["x_test"]).argmax(-1) == data["y_test"]).float().mean())
-        bits_converted, bits_model, ckpt = size_report(model)
-        rows.append(Row(factors_label(p), {"test accuracy %": 100 * acc}, bits_converted, bits_model, ckpt, seconds,
-                        dict(config.layer_factors) if config else {}))
-        print(f"{name} {rows[-1].variant}: accuracy {100 * acc:.2f}%  bits/weight {bits_converted:.3f}  "
+        rows.append(measure(p, model, {"test accuracy %": 100 * acc}, seconds))
+        print(f"{name} {rows[-1].variant}: accuracy {100 * acc:.2f}%  bits/weight {rows[-1].bits_converted:.3f}  "
               f"{seconds:.0f}s  factors {rows[-1].layer_factors}", flush=True)
     budget = {"epochs": epochs, "batch_size": 128, "optimizer": "Adam", "lr": lr, "seed": seed,
               "train_images": int(data["x_train"].shape[0]), "test_images": int(data["x_test"].shape[0]),
@@ -76,10 +72,7 @@ def run_task(name: str, build: type[nn.Module] | object, data: dict[str, torch.T
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budget (CI smoke run)")
-    parser.add_argument("--out", type=Path, default=DOCS, help="where results.md and results/ go")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = quality_parser(__doc__)
     parser.add_argument("--tasks", nargs="+", choices=["mlp", "cnn"], default=["mlp", "cnn"])
     parser.add_argument("--mlp-epochs", type=int, default=10)
     parser.add_argument("--cnn-epochs", type=int, default=3)

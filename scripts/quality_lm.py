@@ -11,14 +11,13 @@ full-precision model gets the same fine-tuning budget. Fortunes are shuffled wit
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import time
 from pathlib import Path
 
 import torch
-from results import DOCS, Row, Task, factors_label, publish, size_report
+from results import Task, measure, publish, quality_parser
 from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model
@@ -69,11 +68,8 @@ def perplexity(model: LlamaForCausalLM, data: Blocks, batch: int = 8) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budget (CI smoke run)")
-    parser.add_argument("--out", type=Path, default=DOCS)
+    parser = quality_parser(__doc__)
     parser.add_argument("--cache", type=Path, default=Path("outputs/smollm2"), help="plain HF copy of SmolLM2")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-blocks", type=int, default=64)
@@ -103,12 +99,9 @@ def main() -> None:
         if p is not None:
             pack_model(model)
         after = perplexity(model, test)
-        bits_converted, bits_model, ckpt = size_report(model)
-        factors = dict(model.config.quantization_config.layer_factors) if p is not None else {}
-        rows.append(Row(factors_label(p), {"perplexity after fine-tuning": after, "perplexity before": before},
-                        bits_converted, bits_model, ckpt, seconds, factors))
-        print(f"lm {rows[-1].variant}: ppl before {before:.1f} after {after:.1f} bits/weight {bits_converted:.3f} "
-              f"{seconds:.0f}s", flush=True)
+        rows.append(measure(p, model, {"perplexity after fine-tuning": after, "perplexity before": before}, seconds))
+        print(f"lm {rows[-1].variant}: ppl before {before:.1f} after {after:.1f} "
+              f"bits/weight {rows[-1].bits_converted:.3f} {seconds:.0f}s", flush=True)
         del model
     publish(Task("lm", "SmolLM2-135M on fortunes: held-out perplexity", "perplexity after fine-tuning", False,
                  budget, rows, notes="'before' is the model as loaded (for TBN: right after conversion, no "

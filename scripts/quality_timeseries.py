@@ -12,13 +12,11 @@ head, last module, stays full precision). Metrics: MSE and MAE on the standardis
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import statsmodels.api as sm
 import torch
-from results import DOCS, Row, Task, factors_label, publish, size_report
+from results import Task, measure, publish, quality_parser
 from transformers import PatchTSTConfig, PatchTSTForPrediction
 
 from hf_tbn import TBNConfig, pack_model, quantize_model
@@ -79,10 +77,7 @@ def evaluate(model: PatchTSTForPrediction, data: dict[str, torch.Tensor]) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budget (CI smoke run)")
-    parser.add_argument("--out", type=Path, default=DOCS)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = quality_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
@@ -105,11 +100,9 @@ def main() -> None:
         if p is not None:
             pack_model(model)
         metrics = evaluate(model, data)
-        bits_converted, bits_model, ckpt = size_report(model)
-        factors = dict(model.config.quantization_config.layer_factors) if p is not None else {}
-        rows.append(Row(factors_label(p), metrics, bits_converted, bits_model, ckpt, seconds, factors))
+        rows.append(measure(p, model, metrics, seconds))
         print(f"co2 {rows[-1].variant}: MSE {metrics['MSE']:.4f} MAE {metrics['MAE']:.4f} "
-              f"bits/weight {bits_converted:.3f} {seconds:.0f}s", flush=True)
+              f"bits/weight {rows[-1].bits_converted:.3f} {seconds:.0f}s", flush=True)
     notes = (f"Series standardised with training mean {stats['mean']:.2f} ppm and std {stats['std']:.2f} ppm: "
              f"an MSE of 0.01 is an RMS error of {0.1 * stats['std']:.2f} ppm.")
     publish(Task("timeseries", "Mauna Loa CO2 forecasting (26 weeks), PatchTST from scratch", "MSE", False, budget,

@@ -8,6 +8,7 @@ A ``--quick`` run publishes under ``--out`` (a scratch folder) instead of docs/.
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from collections.abc import Sequence
@@ -47,6 +48,22 @@ class Task:
     budget: dict[str, object]
     rows: list[Row]
     notes: str = ""
+
+
+def quality_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every quality script takes: ``--quick`` (CI smoke run), ``--out``, ``--seed``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny budget (CI smoke run)")
+    parser.add_argument("--out", type=Path, default=DOCS, help="where results.md and results/ go")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def measure(p: int | None, model: nn.Module, metrics: dict[str, float], seconds: float) -> Row:
+    """The row of variant ``p`` (None: full precision) for a trained model in the form it is saved."""
+    bits_converted, bits_model, ckpt = size_report(model)
+    factors = {name: layer.compression_factor for name, layer in tbn_layers(model)}
+    return Row("fp" if p is None else f"p={p}", metrics, bits_converted, bits_model, ckpt, seconds, factors)
 
 
 def size_report(model: nn.Module) -> tuple[float, float, int]:
@@ -146,9 +163,4 @@ def plot(task: Task, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def factors_label(p: int | None) -> str:
-    """Variant name: ``fp`` for full precision, ``p=1`` binary, ``p=4`` TBN."""
-    return "fp" if p is None else f"p={p}"
 
