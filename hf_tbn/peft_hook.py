@@ -23,18 +23,27 @@ def _register(_: ModuleType | None = None) -> None:
 class _AfterPeftImport(importlib.abc.MetaPathFinder):
     """Finds ``peft`` through the other finders and runs the registration right after it loads."""
 
+    _looking = False
+
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "peft":
+        if fullname != "peft" or self._looking:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding this finder
-        spec = importlib.util.find_spec("peft")
+        # Stay installed until peft actually loads: a bare find_spec("peft") probe (transformers'
+        # is_peft_available) must not use up the hook. The flag keeps the lookup below from finding us.
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec("peft")
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None:
             return spec
         load = spec.loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             load(module)
             _register(module)
 
