@@ -26,7 +26,7 @@ def test_bench_train_quick() -> None:
 
 
 def table_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("| ")]
+    return [line for line in text.splitlines() if line.startswith("|")]
 
 
 @pytest.mark.parametrize(
