@@ -30,7 +30,7 @@ QUICK_FACTORS = [None, 4]
 
 def main() -> None:
     parser = quality_parser(__doc__)
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=3e-4)
     args = parser.parse_args()
     budget = {"epochs": 0.05 if args.quick else args.epochs, "batch_size": 16, "max_length": 32 if args.quick else 128,
