@@ -19,6 +19,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from hf_tbn import tbn_layers
+from hf_tbn.report import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -69,23 +70,13 @@ def measure(p: int | None, model: nn.Module, metrics: dict[str, float], seconds:
 def size_report(model: nn.Module) -> tuple[float, float, int]:
     """Bits per weight over the converted layers and over the whole model, and checkpoint bytes.
 
-    The model is measured in the form it is saved: TBN layers packed (tile + scales), every
-    other parameter and buffer at its own dtype. A model without TBN layers counts 32 bits for
-    its weight matrices. The checkpoint is the model's state dict written as safetensors.
+    The model is measured in the form it is saved (:func:`hf_tbn.report.summarize`): TBN layers
+    packed (tile + scales), every other float parameter and buffer at its own dtype, tied weights
+    once. A model without TBN layers counts 32 bits for its converted layers (none).
     """
-    layers = dict(tbn_layers(model))
-    packed_bytes = sum(layer.storage_bytes() for layer in layers.values())
-    converted = sum(layer.numel for layer in layers.values())
-    converted_names = {f"{name}.{key}" for name in layers for key in ("weight", "tile", "alpha")}
-    other_bytes = other_weights = 0
-    seen: set[int] = set()  # tied weights (embeddings / lm_head) count once
-    for name, tensor in model.state_dict().items():
-        if name not in converted_names and tensor.is_floating_point() and tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            other_bytes += tensor.numel() * tensor.element_size()
-            other_weights += tensor.numel()
-    bits_converted = 8 * packed_bytes / converted if converted else 32.0
-    bits_model = 8 * (packed_bytes + other_bytes) / (converted + other_weights)
+    s = summarize(model)
+    bits_converted = s.bits_per_weight if s.layers else 32.0
+    bits_model = 8 * (s.converted_bytes + s.other_float_bytes) / (s.converted_weights + s.other_float_elements)
     return bits_converted, bits_model, checkpoint_bytes(model)
 
 
