@@ -10,7 +10,7 @@ from .layers import FORMS
 from .tiling import ALPHA_MODES
 
 QUANT_METHOD = "tbn"
-BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "native", "triton")
 
 
 class TBNConfig(QuantizationConfigMixin):
@@ -25,7 +25,8 @@ class TBNConfig(QuantizationConfigMixin):
         modules_to_not_convert: module-name patterns (same matching) kept full precision.
         alpha_mode: ``"per_tile"`` (one scale per copy, the paper's default) or ``"per_layer"``.
         form: ``"latent"`` (trainable latent weights) or ``"packed"`` (tile bits + scales).
-        backend: packed-forward compute: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: packed-forward compute: ``"auto"`` (Triton on CUDA, the compiled CPU kernel on
+            CPU), ``"torch"``, ``"native"`` (the compiled CPU kernel) or ``"triton"``.
         layer_factors: the resolved p of every converted layer, filled in by the conversion and
             saved in config.json so that a reload rebuilds exactly the same layers.
     """

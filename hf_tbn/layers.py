@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair, _single
 
 from . import tiling
-from .kernels.dispatch import resolve_backend
+from .kernels.dispatch import resolve_backend, tile_linear
 from .kernels.torch_path import packed_linear
 
 Form = Literal["latent", "packed"]
@@ -137,7 +137,8 @@ class TBNLayer(nn.Module):
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tile applied once, ``p`` scaled copies, on the path ``self.backend`` selects (hf_tbn.kernels)."""
-        return self._apply_tile(x, resolve_backend(self.backend, x, self.layer_name))
+        row_length = math.prod(self.weight_shape[1:])
+        return self._apply_tile(x, resolve_backend(self.backend, x, self.layer_name, row_length))
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -239,12 +240,10 @@ class TBNLinear(TBNLayer):
 
     def _apply_tile(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         rows, x2d = self.out_features // self.compression_factor, x.reshape(-1, self.in_features)
-        if backend == "triton":
-            from .kernels.triton_tbn import tbn_linear
-
-            y = tbn_linear(x2d, self.tile, self.alpha, self.bias, rows)
-        else:
+        if backend == "torch":
             y = packed_linear(x2d, self.tile, self.alpha, self.bias, rows)
+        else:
+            y = tile_linear(backend)(x2d, self.tile, self.alpha, self.bias, rows)
         return y.view(*x.shape[:-1], self.out_features)
 
     def dense_module(self) -> nn.Linear:
@@ -298,12 +297,12 @@ class _TBNConvNd(TBNLayer):
         return self._conv_with(x, weight, bias, self.groups)
 
     def _apply_tile(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        if backend == "triton":  # unfold + the GEMM kernel (hf_tbn.kernels.conv)
+        if backend != "torch":  # unfold + the kernel's GEMM (hf_tbn.kernels.conv)
             from .kernels.conv import packed_conv
 
             return packed_conv(
                 x, self.tile, self.alpha, self.bias, tuple(self.weight_shape), self.stride, self.padding,
-                self.dilation, self.groups,
+                self.dilation, self.groups, tile_linear(backend),
             )
         tile = tiling.unpack_bits(self.tile, self.tile_length, x.dtype).view(self.tile_shape)
         channel_dim = -1 - len(self.kernel_size)  # counted from the end: batched or not

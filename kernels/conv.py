@@ -1,4 +1,4 @@
-"""Packed Conv1d / Conv2d on the Triton GEMM kernel, through unfold (im2col).
+"""Packed Conv1d / Conv2d on a tile-product kernel (Triton or the compiled CPU one), through unfold (im2col).
 
 The input is padded and unfolded into a ``(B * positions, C * prod(kernel))`` matrix whose
 column order (channel, then kernel offsets, row-major) is exactly the order of a tile row
@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .triton_tbn import tbn_linear
+from .dispatch import TileLinear
 
 
 def _pads(padding: str | tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -50,10 +50,12 @@ def packed_conv(
     padding: str | tuple[int, ...],
     dilation: tuple[int, ...],
     groups: int,
+    linear: TileLinear,
 ) -> torch.Tensor:
-    """A packed ``ConvNd`` forward (N = 1 or 2 spatial dims, batched or not) on the Triton kernel."""
+    """A packed ``ConvNd`` forward (N = 1 or 2 spatial dims, batched or not) on the kernel launcher ``linear``."""
     if x.dim() == len(weight_shape) - 1:
-        return packed_conv(x.unsqueeze(0), bits, alpha, bias, weight_shape, stride, padding, dilation, groups)[0]
+        args = (bits, alpha, bias, weight_shape, stride, padding, dilation, groups, linear)
+        return packed_conv(x.unsqueeze(0), *args)[0]
     out_channels, kernel = weight_shape[0], tuple(weight_shape[2:])
     pads = _pads(padding, kernel, dilation)
     if len(kernel) == 1:  # Conv1d as a Conv2d of height 1
@@ -68,7 +70,7 @@ def packed_conv(
     k_group = cols.shape[1] // groups
     per_group = out_channels // groups
     blocks = [
-        tbn_linear(
+        linear(
             cols[:, g * k_group : (g + 1) * k_group], bits, alpha[first : first + copies],
             bias[g * per_group : (g + 1) * per_group] if bias is not None else None, rows, row0,
         )

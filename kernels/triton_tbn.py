@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tiling import unpack_range
+from .autograd import TileMatmul
 
 _knobs = getattr(triton, "knobs", None)
 # Triton decides interpretation when a kernel is decorated, i.e. when this module is imported.
@@ -136,30 +136,8 @@ def tbn_matmul(
     return out
 
 
-class _TBNMatmul(torch.autograd.Function):
-    """The kernel as an autograd op: gradients reach ``x`` and ``bias``; the tile and scales are fixed buffers."""
-
-    @staticmethod
-    def forward(ctx, x, bits, alpha, bias, rows, row0):  # noqa: ANN001
-        ctx.save_for_backward(bits, alpha)
-        ctx.rows, ctx.row0, ctx.k = rows, row0, x.shape[1]
-        return tbn_matmul(x, bits, alpha, bias, rows, row0)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001
-        bits, alpha = ctx.saved_tensors
-        rows, k, p = ctx.rows, ctx.k, alpha.numel()
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:  # dL/dx = (sum_i alpha_i dL/dy_i) @ T: the backward reuses the tile too
-            folded = (grad.reshape(-1, p, rows) * alpha.to(grad.dtype).view(1, p, 1)).sum(dim=1)
-            grad_x = folded @ unpack_range(bits, ctx.row0 * k, rows * k, grad.dtype).view(rows, k)
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad.sum(dim=0)
-        return grad_x, None, None, grad_bias, None, None
-
-
 def tbn_linear(
     x: torch.Tensor, bits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int = 0
 ) -> torch.Tensor:
     """:func:`tbn_matmul` with autograd (for LoRA and other training through a packed layer)."""
-    return _TBNMatmul.apply(x, bits, alpha, bias, rows, row0)
+    return TileMatmul.apply(tbn_matmul, x, bits, alpha, bias, rows, row0)

@@ -7,6 +7,7 @@ gets without the interpreter is checked in a fresh subprocess.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -123,20 +124,29 @@ def packed_layers() -> list[tuple[str, nn.Module, torch.Tensor]]:
         ("conv2d-groups>p", TBNConv2d(8, 8, 1, groups=4, compression_factor=2), torch.randn(1, 8, 3, 4)),
         ("conv2d-unbatched", TBNConv2d(3, 4, 2, compression_factor=2), torch.randn(3, 4, 4)),
         ("conv1d", TBNConv1d(5, 12, 3, padding=2, compression_factor=3), torch.randn(2, 5, 11)),
+        # Tile rows of whole bytes (8 * 3 * 3 and 8 * 2 values): the compiled CPU kernel takes these too.
+        ("conv2d-bytes", TBNConv2d(8, 16, 3, padding=1, compression_factor=4), torch.randn(2, 8, 5, 6)),
+        ("conv1d-bytes-groups", TBNConv1d(16, 12, 2, groups=2, compression_factor=4), torch.randn(3, 16, 7)),
     ]
     return [(name, layer.pack(), x) for name, layer, x in cases]
+
+
+def backends(layer: nn.Module) -> tuple[str, ...]:
+    """Every backend that runs ``layer`` on CPU: the compiled kernel only for tile rows of whole bytes."""
+    return ("torch", "triton", "native") if math.prod(layer.weight_shape[1:]) % 8 == 0 else ("torch", "triton")
 
 
 @pytest.mark.parametrize("name, layer, x", packed_layers(), ids=lambda v: v if isinstance(v, str) else "")
 def test_layers_agree_across_backends(name: str, layer: nn.Module, x: torch.Tensor) -> None:
     expected = layer.dense_module()(x).detach()  # the dense layer holding W_hat
     outputs = {}
-    for backend in ("torch", "triton"):
+    for backend in backends(layer):
         layer.backend = backend
         outputs[backend] = layer(x).detach()
         assert outputs[backend].shape == expected.shape, backend
         assert rel_err(outputs[backend], expected.double()) < 1e-5, backend
-    torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-5, atol=1e-5)
+    for backend, y in outputs.items():
+        torch.testing.assert_close(y, outputs["torch"], rtol=1e-5, atol=1e-5, msg=backend)
 
 
 @pytest.mark.parametrize("name, layer, x", packed_layers()[::2], ids=lambda v: v if isinstance(v, str) else "")
@@ -144,15 +154,16 @@ def test_gradients_agree_across_backends(name: str, layer: nn.Module, x: torch.T
     """Training through a packed layer (e.g. adapters before it) gets the same grads on both paths."""
     grads = {}
     grad_out = torch.randn_like(layer(x))
-    for backend in ("torch", "triton"):
+    for backend in backends(layer):
         layer.backend = backend
         xg = x.clone().requires_grad_()
         layer.zero_grad()
         (layer(xg) * grad_out).sum().backward()
         grads[backend] = (xg.grad, None if layer.bias is None else layer.bias.grad.clone())
-    torch.testing.assert_close(grads["triton"][0], grads["torch"][0], rtol=1e-5, atol=1e-5)
-    if layer.bias is not None:
-        torch.testing.assert_close(grads["triton"][1], grads["torch"][1], rtol=1e-5, atol=1e-5)
+    for backend, (grad_x, grad_bias) in grads.items():
+        torch.testing.assert_close(grad_x, grads["torch"][0], rtol=1e-5, atol=1e-5, msg=backend)
+        if layer.bias is not None:
+            torch.testing.assert_close(grad_bias, grads["torch"][1], rtol=1e-5, atol=1e-5, msg=backend)
 
 
 def test_group_blocks_cover_every_channel_once() -> None:

@@ -1,0 +1,34 @@
+"""Autograd for the tile-product kernels: gradients reach ``x`` and the bias, the tile and scales are fixed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..tiling import unpack_range
+
+
+class TileMatmul(torch.autograd.Function):
+    """``kernel(x, bits, alpha, bias, rows, row0)`` as an autograd op, for any of the kernels' launchers.
+
+    The backward, ``dL/dx = (sum_i alpha_i dL/dy_i) @ T``, reuses the tile too (computed with torch).
+    """
+
+    @staticmethod
+    def forward(ctx, kernel: Callable[..., torch.Tensor], x, bits, alpha, bias, rows, row0):  # noqa: ANN001
+        ctx.save_for_backward(bits, alpha)
+        ctx.rows, ctx.row0, ctx.k = rows, row0, x.shape[1]
+        return kernel(x, bits, alpha, bias, rows, row0)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        bits, alpha = ctx.saved_tensors
+        rows, k, p = ctx.rows, ctx.k, alpha.numel()
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            folded = (grad.reshape(-1, p, rows) * alpha.to(grad.dtype).view(1, p, 1)).sum(dim=1)
+            grad_x = folded @ unpack_range(bits, ctx.row0 * k, rows * k, grad.dtype).view(rows, k)
+        if ctx.needs_input_grad[4]:
+            grad_bias = grad.sum(dim=0)
+        return None, grad_x, None, None, grad_bias, None, None

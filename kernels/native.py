@@ -1,0 +1,153 @@
+"""The compiled CPU kernel (``tbn_lut.c``): packed TBN linear layers by byte lookup tables.
+
+The C source (``tbn_lut.c`` and its block kernel ``tbn_lut_lanes.h``) ships with the
+package and is compiled on first use with the system C compiler
+(``$CC``, else ``cc``/``gcc``/``clang``) for the machine it runs on (``-O3 -march=native``,
+OpenMP where the compiler has it), into a cache folder (``$HF_TBN_CACHE``, else
+``~/.cache/hf_tbn``) keyed by the source, the flags, the compiler and the CPU, and loaded with
+ctypes: no Python headers, no torch extension build. When no compiler is found, or the build
+fails, :func:`native_error` says why and the ``"auto"`` backend uses the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .autograd import TileMatmul
+
+SOURCE = Path(__file__).with_name("tbn_lut.c")
+HEADERS = (Path(__file__).with_name("tbn_lut_lanes.h"),)
+FLAGS = ("-std=c11", "-O3", "-march=native", "-shared", "-fPIC")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ERRORS = {-1: "out of memory for the lookup tables", -2: "K must be a multiple of 8"}
+
+
+class NativeUnavailable(RuntimeError):
+    """The CPU kernel could not be built or loaded; the message says why."""
+
+
+def _cache_dir() -> Path:
+    if "HF_TBN_CACHE" in os.environ:
+        return Path(os.environ["HF_TBN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_tbn"
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise NativeUnavailable("no C compiler found (set CC, or apt-get install gcc)")
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU model and flags (a shared cache may serve several machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "".join(line for line in lines if line.startswith(("model name", "flags", "Features")))[:4096]
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        errors = ""
+        for extra in (("-fopenmp",), ()):  # OpenMP threads where the compiler has them
+            proc = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(out, target)  # atomic: concurrent builders never load a partial file
+                return
+            errors += proc.stderr
+        raise NativeUnavailable(f"{cc} could not build {SOURCE.name}:\n{errors[-2000:]}")
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The compiled kernel, built on first use; :class:`NativeUnavailable` says why it cannot be."""
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    sources = [path.read_text() for path in (SOURCE, *HEADERS)]
+    key = hashlib.sha256("\0".join([*sources, *FLAGS, cc, version, _cpu_signature()]).encode())
+    target = _cache_dir() / f"tbn_lut-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        _build(cc, target)
+    lib = ctypes.CDLL(str(target))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.tbn_lut_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int]
+    lib.tbn_lut_linear.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def native_error() -> str | None:
+    """Why the CPU kernel is unusable here, or None when it is built and loaded."""
+    try:
+        library()
+    except (NativeUnavailable, OSError) as err:
+        return str(err)
+    return None
+
+
+def lut_matmul(
+    x: torch.Tensor,
+    bits: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int,
+    row0: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(M, p * rows)``: block ``i`` is ``alpha_i * x @ T.T`` (+ bias), ``T`` = tile rows ``row0 .. row0+rows``.
+
+    CPU tensors; ``x`` is ``(M, K)`` with ``K % 8 == 0``, fp32/bf16/fp16 (computed in fp32);
+    ``out`` an optional ``(M, p * rows)`` destination of ``x``'s dtype.
+    """
+    m, k = x.shape
+    p = alpha.numel()
+    if x.dtype not in DTYPES or x.device.type != "cpu":
+        raise ValueError(f"lut_matmul: x must be a CPU tensor of {DTYPES}, got {x.dtype} on {x.device}")
+    if k % 8:
+        raise ValueError(f"lut_matmul: K must be a multiple of 8 (tile rows start on a byte), got K={k}")
+    if bits.dtype != torch.uint8 or bits.numel() * 8 < (row0 + rows) * k:
+        need = (row0 + rows) * k
+        raise ValueError(f"lut_matmul: bits must be uint8 holding {need} values, got {bits.dtype} {bits.numel()} bytes")
+    if bias is not None and bias.numel() != p * rows:
+        raise ValueError(f"lut_matmul: bias has {bias.numel()} values, expected p * rows = {p * rows}")
+    if out is not None and (out.shape != (m, p * rows) or out.dtype != x.dtype):
+        want, got = f"{x.dtype} {(m, p * rows)}", f"{out.dtype} {tuple(out.shape)}"
+        raise ValueError(f"lut_matmul: out must be {want}, got {got}")
+    x32 = x.float().contiguous()
+    alpha32 = alpha.float().contiguous()
+    bias32 = None if bias is None else bias.float().contiguous()
+    direct = out is not None and out.dtype == torch.float32 and out.stride(1) == 1
+    y = out if direct else torch.empty(m, p * rows)
+    bits = bits.contiguous()
+    status = library().tbn_lut_linear(
+        x32.data_ptr(), m, k, k, bits.data_ptr(), rows, row0, alpha32.data_ptr(), p,
+        None if bias32 is None else bias32.data_ptr(), y.data_ptr(), y.stride(0), torch.get_num_threads(),
+    )
+    if status:
+        raise RuntimeError(f"lut_matmul: {_ERRORS.get(status, f'status {status}')}")
+    if out is None:
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+    if not direct:
+        out.copy_(y)
+    return out
+
+
+def lut_linear(
+    x: torch.Tensor, bits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int = 0
+) -> torch.Tensor:
+    """:func:`lut_matmul` with autograd (gradients reach ``x`` and ``bias``)."""
+    return TileMatmul.apply(lut_matmul, x, bits, alpha, bias, rows, row0)

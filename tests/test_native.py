@@ -1,0 +1,152 @@
+"""The compiled CPU kernel (``kernels/tbn_lut.c``) against a float64 reference, its build and its dispatch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hf_tbn.kernels import dispatch, native
+
+from hf_tbn import TBNLinear, tiling
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def random_tile(rows: int, k: int, p: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    bits = tiling.pack_bits(torch.randn(rows * k, generator=g))
+    return bits, torch.rand(p, generator=g) + 0.1, torch.randn(p * rows, generator=g)
+
+
+def reference(x: torch.Tensor, bits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int,
+              row0: int = 0) -> torch.Tensor:
+    k = x.shape[1]
+    t = tiling.unpack_bits(bits, bits.numel() * 8, torch.float64).view(-1, k)[row0 : row0 + rows]
+    return tiling.tiled_outputs(x.double() @ t.t(), alpha.double(), bias=None if bias is None else bias.double())
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_kernel_builds_here() -> None:
+    assert native.native_error() is None  # CI has gcc: the kernel must build, not silently fall back
+
+
+# Rows below / above the 8-row block and the 224-row switch to byte tables; K spanning several
+# table chunks (nibble tables: 2048 bytes per chunk at M = 1, 128 at 16 rows; byte tables 227 / 14).
+SHAPES = [(8, 5), (72, 33), (136, 230), (1152, 12), (2048, 300), (16400, 3)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+@pytest.mark.parametrize("p", [1, 2, 4, 8, 16])
+def test_writes_every_output_and_matches(m: int, p: int) -> None:
+    k, rows = SHAPES[(m + p) % len(SHAPES)]
+    bits, alpha, bias = random_tile(rows, k, p, seed=m * 100 + p)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(p))
+    buffer = torch.full((m, p * rows + 2), float("nan"))  # poisoned, one guard column each side
+    out = buffer[:, 1:-1]
+    assert native.lut_matmul(x, bits, alpha, bias, rows, out=out) is out
+    assert not out.isnan().any(), "some outputs were never written"
+    assert buffer[:, 0].isnan().all() and buffer[:, -1].isnan().all(), "the kernel wrote outside its output"
+    assert rel_err(out, reference(x, bits, alpha, bias, rows)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_every_lane_count(shape: tuple[int, int]) -> None:
+    k, rows = shape
+    bits, alpha, bias = random_tile(rows, k, 2, seed=k)
+    x = torch.randn(33, k)  # blocks of 16 rows of x, a ragged last block, and single rows
+    expected = reference(x, bits, alpha, bias, rows)
+    assert rel_err(native.lut_matmul(x, bits, alpha, bias, rows), expected) < 1e-5
+    assert rel_err(native.lut_matmul(x[:1], bits, alpha, bias, rows), expected[:1]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_activations_strided_row_offset_no_bias(dtype: torch.dtype) -> None:
+    rows, k, row0, p = 40, 64, 3, 4
+    bits, alpha, _ = random_tile(row0 + rows + 2, k, p, seed=5)
+    x = torch.randn(k, 6).to(dtype).t()  # (6, K), not contiguous
+    y = native.lut_matmul(x, bits, alpha, None, rows, row0)
+    assert y.dtype == dtype and y.shape == (6, p * rows)
+    assert rel_err(y, reference(x, bits, alpha, None, rows, row0)) < TOL[dtype]
+
+
+def test_threads_give_the_same_result() -> None:
+    bits, alpha, bias = random_tile(300, 512, 4, seed=1)
+    x = torch.randn(20, 512)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.lut_matmul(x, bits, alpha, bias, 300)
+        torch.set_num_threads(2)
+        two = native.lut_matmul(x, bits, alpha, bias, 300)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # every sum is taken in the same order whatever the thread count
+
+
+def test_rejects_bad_arguments() -> None:
+    bits, alpha, bias = random_tile(4, 16, 2, seed=0)
+    with pytest.raises(ValueError, match="K must be a multiple of 8 .* got K=12"):
+        native.lut_matmul(torch.randn(2, 12), bits, alpha, bias[:6], 3)
+    with pytest.raises(ValueError, match="x must be a CPU tensor"):
+        native.lut_matmul(torch.randn(2, 16, dtype=torch.float64), bits, alpha, bias, 4)
+    with pytest.raises(ValueError, match="bits must be uint8 holding 80 values"):
+        native.lut_matmul(torch.randn(2, 16), bits, alpha, bias, 5)
+    with pytest.raises(ValueError, match="bias has 8 values, expected p \\* rows = 6"):
+        native.lut_matmul(torch.randn(2, 16), bits, alpha, bias, 3)
+    with pytest.raises(ValueError, match="out must be torch.float32 \\(2, 8\\)"):
+        native.lut_matmul(torch.randn(2, 16), bits, alpha, bias, 4, out=torch.empty(2, 9))
+
+
+def test_layer_dispatch_on_cpu() -> None:
+    aligned = TBNLinear(64, 32, compression_factor=4, name="fc").pack()
+    ragged = TBNLinear(20, 32, compression_factor=4, name="odd").pack()
+    x64, x20 = torch.randn(2, 64), torch.randn(2, 20)
+    assert dispatch.resolve_backend("auto", x64, "fc", 64) == "native"
+    assert dispatch.resolve_backend("auto", x20, "odd", 20) == "torch"  # rows not on bytes: the torch path
+    assert dispatch.resolve_backend("auto", x64.double(), "fc", 64) == "torch"
+    ragged.backend = "native"
+    with pytest.raises(ValueError, match="odd: backend='native' .* multiple of 8 values .* got 20"):
+        ragged(x20)
+    aligned.backend = "native"
+    with pytest.raises(ValueError, match="fc: backend='native' .* got torch.float64"):
+        aligned(x64.double())
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(x64), aligned.dense_module()(x64), rtol=1e-5, atol=1e-5)
+
+
+def run_python(code: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+def test_without_a_compiler_auto_warns_and_native_says_why(tmp_path: Path) -> None:
+    code = (
+        "import torch, hf_tbn\n"
+        "layer = hf_tbn.TBNLinear(16, 8, compression_factor=2, name='fc').pack()\n"
+        "layer(torch.randn(1, 16))\n"  # auto: the torch path, with a warning
+        "layer.backend = 'native'\n"
+        "try:\n    layer(torch.randn(1, 16))\nexcept ValueError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "CC": "", "PATH": str(Path(sys.executable).parent), "HF_TBN_CACHE": str(tmp_path / "c")}
+    result = run_python(code, env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "compiled CPU kernel is unavailable" in result.stderr and "no C compiler found" in result.stderr
+    assert "fc: backend='native' (the compiled CPU kernel) no C compiler found" in result.stdout
+
+
+def test_build_is_cached_per_machine(tmp_path: Path) -> None:
+    code = "from hf_tbn.kernels import native; print(native.native_error())"
+    env = {**os.environ, "HF_TBN_CACHE": str(tmp_path)}
+    first = run_python(code, env, tmp_path)
+    assert first.stdout.strip() == "None", first.stderr
+    built = list(tmp_path.glob("tbn_lut-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert run_python(code, env, tmp_path).stdout.strip() == "None"
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
