@@ -51,6 +51,9 @@ def check_weight(weight: torch.Tensor, name: str) -> None:
 class TBNLayer(nn.Module):
     """Shared state and behaviour of the TBN layers; subclasses say how to apply a weight."""
 
+    # Whether backend "auto" may pick the compiled CPU kernel (hf_tbn.kernels.dispatch).
+    _auto_native = True
+
     def __init__(
         self,
         weight_shape: tuple[int, ...],
@@ -138,7 +141,8 @@ class TBNLayer(nn.Module):
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tile applied once, ``p`` scaled copies, on the path ``self.backend`` selects (hf_tbn.kernels)."""
         row_length = math.prod(self.weight_shape[1:])
-        return self._apply_tile(x, resolve_backend(self.backend, x, self.layer_name, row_length))
+        backend = resolve_backend(self.backend, x, self.layer_name, row_length, self._auto_native)
+        return self._apply_tile(x, backend)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -260,6 +264,9 @@ class _TBNConvNd(TBNLayer):
     _conv: Callable[..., torch.Tensor]
     _tuple: Callable[[object], tuple[int, ...]]
     _dense_type: type[nn.Module]
+    # The CPU kernel takes convs only through unfold (kh * kw times the input's memory), slower
+    # than F.convNd on the expanded tile in every case measured: "auto" keeps them on torch.
+    _auto_native = False
 
     def __init__(
         self,

@@ -32,3 +32,18 @@ class TileMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_bias = grad.sum(dim=0)
         return None, grad_x, None, None, grad_bias, None, None
+
+
+def apply_tile_matmul(
+    kernel: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    bits: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int,
+    row0: int,
+) -> torch.Tensor:
+    """``kernel(...)`` through :class:`TileMatmul` when a gradient is wanted, directly otherwise (inference)."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return TileMatmul.apply(kernel, x, bits, alpha, bias, rows, row0)
+    return kernel(x, bits, alpha, bias, rows, row0)

@@ -1,9 +1,9 @@
 """Which compute path a packed layer's forward takes: the Triton kernel, the compiled CPU kernel or torch.
 
 ``"auto"`` uses Triton for CUDA activations of a kernel dtype when Triton is installed; on
-CPU it uses the compiled lookup-table kernel (:mod:`.native`) when it could be built and the
-tile rows start on bytes (row length ``K % 8 == 0``), and the torch path otherwise (logged
-once when the kernel cannot be built). ``"torch"`` always takes the torch path.
+CPU, for linear layers, it uses the compiled lookup-table kernel (:mod:`.native`) when it
+could be built and the tile rows start on bytes (row length ``K % 8 == 0``), and the torch
+path otherwise (logged once when the kernel cannot be built). ``"torch"`` always takes the torch path.
 ``"native"`` and ``"triton"`` always take their kernel and say clearly why they cannot. Every
 path supports autograd through the activations and the bias (training adapters on a packed
 model).
@@ -57,10 +57,13 @@ def _native_problem(x: torch.Tensor, row_length: int) -> str | None:
     return native.native_error()
 
 
-def resolve_backend(requested: str, x: torch.Tensor, layer_name: str, row_length: int) -> str:
+def resolve_backend(
+    requested: str, x: torch.Tensor, layer_name: str, row_length: int, auto_native: bool = True
+) -> str:
     """``"torch"``, ``"native"`` or ``"triton"`` for a packed forward on ``x``; ValueError naming the layer otherwise.
 
-    ``row_length`` is the number of values in a tile row (the input features a tile row sees).
+    ``row_length`` is the number of values in a tile row (the input features a tile row sees);
+    ``auto_native=False`` keeps ``"auto"`` off the CPU kernel (convs: see docs/kernels.md).
     """
     if requested == "torch":
         return "torch"
@@ -68,7 +71,7 @@ def resolve_backend(requested: str, x: torch.Tensor, layer_name: str, row_length
         if x.is_cuda:
             usable = triton_available() and x.dtype in triton_module().DTYPES
             return "triton" if usable else "torch"
-        usable = x.device.type == "cpu" and x.dtype in native.DTYPES and row_length % 8 == 0
+        usable = auto_native and x.device.type == "cpu" and x.dtype in native.DTYPES and row_length % 8 == 0
         return "native" if usable and _native_usable() else "torch"
     if requested == "native":
         problem = _native_problem(x, row_length)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .autograd import TileMatmul
+from .autograd import apply_tile_matmul
 
 SOURCE = Path(__file__).with_name("tbn_lut.c")
 HEADERS = (Path(__file__).with_name("tbn_lut_lanes.h"),)
@@ -150,4 +150,4 @@ def lut_linear(
     x: torch.Tensor, bits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int = 0
 ) -> torch.Tensor:
     """:func:`lut_matmul` with autograd (gradients reach ``x`` and ``bias``)."""
-    return TileMatmul.apply(lut_matmul, x, bits, alpha, bias, rows, row0)
+    return apply_tile_matmul(lut_matmul, x, bits, alpha, bias, rows, row0)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autograd import TileMatmul
+from .autograd import apply_tile_matmul
 
 _knobs = getattr(triton, "knobs", None)
 # Triton decides interpretation when a kernel is decorated, i.e. when this module is imported.
@@ -140,4 +140,4 @@ def tbn_linear(
     x: torch.Tensor, bits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int = 0
 ) -> torch.Tensor:
     """:func:`tbn_matmul` with autograd (for LoRA and other training through a packed layer)."""
-    return TileMatmul.apply(tbn_matmul, x, bits, alpha, bias, rows, row0)
+    return apply_tile_matmul(tbn_matmul, x, bits, alpha, bias, rows, row0)

