@@ -16,7 +16,9 @@ static void NAME(build_tables)(const NAME(vec) *x, NAME(vec) *t, int wide) {
         for (int b = 0; b < 16; ++b) t[16 * h + b] = lo[b & 3] + hi[b >> 2];
     }
     if (wide) {
-        for (int b = 0; b < 256; ++b) t[32 + b] = t[b & 15] + t[16 + (b >> 4)];
+        for (int hi = 0; hi < 16; ++hi) {
+            for (int lo = 0; lo < 16; ++lo) t[32 + 16 * hi + lo] = t[lo] + t[16 + hi];
+        }
     }
 }
 

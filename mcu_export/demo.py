@@ -67,10 +67,15 @@ def _conv(c_in: int, c_out: int, p: int | None) -> nn.Module:
 
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int,
-          lr: float = 1e-3, batch_size: int = 128) -> nn.Module:
-    """Adam with cross-entropy over shuffled mini-batches (latent TBN layers train as QAT)."""
+          lr: float = 1e-3, batch_size: int = 128, cosine: bool = False) -> nn.Module:
+    """Adam with cross-entropy over shuffled mini-batches (latent TBN layers train as QAT).
+
+    ``cosine`` anneals the learning rate to zero over the run (per step) instead of keeping it.
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * -(-images.shape[0] // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
     model.train()
     for _ in range(epochs):
         order = torch.randperm(images.shape[0], generator=generator)
@@ -80,6 +85,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
     return model.eval()
 
 

@@ -43,7 +43,7 @@ def cnn() -> nn.Module:
 
 
 def run_task(name: str, build: type[nn.Module] | object, data: dict[str, torch.Tensor], epochs: int, seed: int,
-             lr: float, min_compress_size: int, head: str) -> Task:
+             lr: float, schedule: str, min_compress_size: int, head: str) -> Task:
     """Train every variant; the classifier ``head`` stays binary (p = 1) in all TBN variants: tiled, its
     output blocks would be scaled copies of each other, i.e. classes that cannot be told apart."""
     rows = []
@@ -57,14 +57,14 @@ def run_task(name: str, build: type[nn.Module] | object, data: dict[str, torch.T
                                layer_compression_factors={head: 1})
             convert_model(model, config)
         start = time.time()
-        train(model, data["x_train"], data["y_train"], epochs=epochs, seed=seed, lr=lr)
+        train(model, data["x_train"], data["y_train"], epochs=epochs, seed=seed, lr=lr, cosine=schedule == "cosine")
         seconds = time.time() - start
         pack_model(model)
         acc = float((predict(model, data["x_test"]).argmax(-1) == data["y_test"]).float().mean())
         rows.append(measure(p, model, {"test accuracy %": 100 * acc}, seconds))
         print(f"{name} {rows[-1].variant}: accuracy {100 * acc:.2f}%  bits/weight {rows[-1].bits_converted:.3f}  "
               f"{seconds:.0f}s  factors {rows[-1].layer_factors}", flush=True)
-    budget = {"epochs": epochs, "batch_size": 128, "optimizer": "Adam", "lr": lr, "seed": seed,
+    budget = {"epochs": epochs, "batch_size": 128, "optimizer": "Adam", "lr": lr, "lr schedule": schedule, "seed": seed,
               "train_images": int(data["x_train"].shape[0]), "test_images": int(data["x_test"].shape[0]),
               "min_compress_size": min_compress_size, "head_p": 1}
     return Task(f"fashion_mnist-{name}", f"Fashion-MNIST, {name.upper()} from scratch", "test accuracy %", True,
@@ -74,8 +74,9 @@ def run_task(name: str, build: type[nn.Module] | object, data: dict[str, torch.T
 def main() -> None:
     parser = quality_parser(__doc__)
     parser.add_argument("--tasks", nargs="+", choices=["mlp", "cnn"], default=["mlp", "cnn"])
-    parser.add_argument("--mlp-epochs", type=int, default=10)
-    parser.add_argument("--cnn-epochs", type=int, default=3)
+    parser.add_argument("--mlp-epochs", type=int, default=20)
+    parser.add_argument("--cnn-epochs", type=int, default=10)
+    parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="lr over the run")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     x_train, y_train = load_fashion_mnist("train")
@@ -85,11 +86,13 @@ def main() -> None:
     data = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     if "mlp" in args.tasks:
         epochs = 1 if args.quick else args.mlp_epochs
-        publish(run_task("mlp", mlp, data, epochs, args.seed, lr=1e-3, min_compress_size=64_000, head="fc3"),
+        publish(run_task("mlp", mlp, data, epochs, args.seed, lr=1e-3, schedule=args.schedule,
+                         min_compress_size=64_000, head="fc3"),
                 args.out)
     if "cnn" in args.tasks:
         epochs = 1 if args.quick else args.cnn_epochs
-        publish(run_task("cnn", cnn, data, epochs, args.seed, lr=1e-3, min_compress_size=1_000, head="13"), args.out)
+        publish(run_task("cnn", cnn, data, epochs, args.seed, lr=1e-3, schedule=args.schedule, min_compress_size=1_000,
+                         head="13"), args.out)
 
 
 if __name__ == "__main__":
