@@ -30,10 +30,12 @@ QUICK_FACTORS = [None, 4]
 
 def main() -> None:
     parser = quality_parser(__doc__)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per article")
     args = parser.parse_args()
-    budget = {"epochs": 0.05 if args.quick else args.epochs, "batch_size": 16, "max_length": 32 if args.quick else 128,
+    budget = {"epochs": 0.05 if args.quick else args.epochs, "batch_size": 16,
+              "max_length": 32 if args.quick else args.max_length,
               "lr": args.lr, "scheduler": "linear, 10% warm-up", "seed": args.seed, "test_fraction": 0.2}
 
     texts, labels = bbc_news()

