@@ -16,9 +16,13 @@
 
 #define CHUNK_BYTES (256 * 1024)
 #define ROW_BLOCK 8
-/* Tile rows from which a 256-entry byte table (one lookup per byte, 288 entries to build) beats
- * two 16-entry nibble tables (two lookups per byte, 32 entries): 256 + rows = 32 + 2 rows. */
-#define WIDE_TABLE_ROWS 224
+/* Tile rows from which one 256-entry byte table per byte position (one lookup per tile byte,
+ * 256 more entries to build) beats two 16-entry nibble tables (two lookups per byte). For 16
+ * rows of x an entry is a vector add and store, as dear as a lookup: 256 + rows = 2 rows at
+ * 224 rows. For a single row the 256 entries are 16 vector adds and stores (about 50
+ * instructions), against 3 saved per tile row: paid back from 16 rows. */
+#define WIDE_TABLE_ROWS_16 224
+#define WIDE_TABLE_ROWS_1 16
 #define ALIGNMENT 64
 
 /* Per calling thread scratch space, grown on demand (calls are frequent and small: no malloc each). */
@@ -37,13 +41,17 @@ static void *scratch_alloc(size_t bytes) {
 
 #define NAME(base) base##_16
 #define LANES 16
+#define WIDE_TABLE_ROWS WIDE_TABLE_ROWS_16
 #include "tbn_lut_lanes.h"
+#undef WIDE_TABLE_ROWS
 #undef LANES
 #undef NAME
 
 #define NAME(base) base##_1
 #define LANES 1
+#define WIDE_TABLE_ROWS WIDE_TABLE_ROWS_1
 #include "tbn_lut_lanes.h"
+#undef WIDE_TABLE_ROWS
 #undef LANES
 #undef NAME
 
@@ -53,11 +61,10 @@ int tbn_lut_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const uint
                    int threads) {
     if (k % 8 != 0) return -2;
     const uint8_t *tile = bits + row0 * (k / 8);
-    const int wide = rows >= WIDE_TABLE_ROWS;
     for (int64_t m0 = 0; m0 < m; m0 += 16) {
         const int64_t lanes = m - m0 < 16 ? m - m0 : 16;
-        const int status = lanes == 1 ? lut_block_1(x, m0, 1, k, ldx, tile, rows, alpha, p, bias, y, ldy, wide, threads)
-                                      : lut_block_16(x, m0, lanes, k, ldx, tile, rows, alpha, p, bias, y, ldy, wide, threads);
+        const int status = lanes == 1 ? lut_block_1(x, m0, 1, k, ldx, tile, rows, alpha, p, bias, y, ldy, threads)
+                                      : lut_block_16(x, m0, lanes, k, ldx, tile, rows, alpha, p, bias, y, ldy, threads);
         if (status) return status;
     }
     return 0;

@@ -1,6 +1,6 @@
 /* The lookup-table kernel for blocks of LANES rows of x; included by tbn_lut.c once per LANES.
  *
- * Expects LANES and NAME(base) (base suffixed with the lane count) to be defined.
+ * Expects LANES, WIDE_TABLE_ROWS and NAME(base) (base suffixed with the lane count) to be defined.
  */
 
 typedef float NAME(vec) __attribute__((vector_size(LANES * sizeof(float)), aligned(LANES * sizeof(float))));
@@ -30,8 +30,9 @@ static inline NAME(vec) NAME(lookup)(const NAME(vec) *t, unsigned b, int wide) {
 /* Outputs of x rows [m0, m0 + lanes), lanes <= LANES; see tbn_lut_linear. 0 or -1 (no memory). */
 static int NAME(lut_block)(const float *x, int64_t m0, int64_t lanes, int64_t k, int64_t ldx, const uint8_t *tile,
                            int64_t rows, const float *alpha, int64_t p, const float *bias, float *y, int64_t ldy,
-                           int wide, int threads) {
+                           int threads) {
     const int64_t groups = k / 8;
+    const int wide = rows >= WIDE_TABLE_ROWS;
     const int64_t entries = wide ? 32 + 256 : 32; /* tables per byte of tile */
     /* Bytes whose tables are built at once: CHUNK_BYTES of tables, so that they stay in the L2 cache. */
     const int64_t chunk_groups = CHUNK_BYTES / (entries * (int64_t)sizeof(NAME(vec)));
