@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_tbn.kernels import torch_path
+from kernel_reference import TOL, random_tile, reference, rel_err
 from torch import nn
 
 from hf_tbn import TBNConfig, TBNConv1d, TBNConv2d, TBNLinear, convert_model, pack_model, tiling
@@ -24,23 +25,6 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported; tr
 from hf_tbn.kernels import conv, triton_tbn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
-
-
-def random_tile(rows: int, k: int, p: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    bits = tiling.pack_bits(torch.randn(rows * k, generator=g))
-    return bits, torch.rand(p, generator=g) + 0.1, torch.randn(p * rows, generator=g)
-
-
-def reference(x: torch.Tensor, bits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int):
-    k = x.shape[1]
-    t = tiling.unpack_bits(bits, rows * k, torch.float64).view(rows, k)
-    return tiling.tiled_outputs(x.double() @ t.t(), alpha.double(), bias=None if bias is None else bias.double())
 
 
 def test_kernel_is_interpreted() -> None:
@@ -70,8 +54,7 @@ def test_kernel_strided_input_no_bias_row_offset(dtype: torch.dtype) -> None:
     bits, alpha, _ = random_tile(row0 + rows + 2, k, p, seed=7)
     x = torch.randn(k, 5).to(dtype).t()  # (5, K), not contiguous
     y = triton_tbn.tbn_matmul(x, bits, alpha, None, rows, row0)
-    t = tiling.unpack_bits(bits, (row0 + rows + 2) * k, torch.float64).view(-1, k)[row0 : row0 + rows]
-    assert rel_err(y, tiling.tiled_outputs(x.double() @ t.t(), alpha.double())) < TOL[dtype]
+    assert rel_err(y, reference(x, bits, alpha, None, rows, row0)) < TOL[dtype]
 
 
 def test_kernel_rejects_bad_arguments() -> None:

@@ -10,27 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from hf_tbn.kernels import dispatch, native
+from kernel_reference import TOL, random_tile, reference, rel_err
 
-from hf_tbn import TBNConv2d, TBNLinear, tiling
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def random_tile(rows: int, k: int, p: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    bits = tiling.pack_bits(torch.randn(rows * k, generator=g))
-    return bits, torch.rand(p, generator=g) + 0.1, torch.randn(p * rows, generator=g)
-
-
-def reference(x: torch.Tensor, bits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int,
-              row0: int = 0) -> torch.Tensor:
-    k = x.shape[1]
-    t = tiling.unpack_bits(bits, bits.numel() * 8, torch.float64).view(-1, k)[row0 : row0 + rows]
-    return tiling.tiled_outputs(x.double() @ t.t(), alpha.double(), bias=None if bias is None else bias.double())
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+from hf_tbn import TBNConv2d, TBNLinear
 
 
 def test_kernel_builds_here() -> None:
