@@ -3,7 +3,13 @@
  * Expects LANES, WIDE_TABLE_ROWS and NAME(base) (base suffixed with the lane count) to be defined.
  */
 
+#if LANES == 1 /* a plain float: GCC keeps one-element vectors in memory, not registers */
+typedef float NAME(vec);
+#define LANE(v, l) (v)
+#else
 typedef float NAME(vec) __attribute__((vector_size(LANES * sizeof(float)), aligned(LANES * sizeof(float))));
+#define LANE(v, l) (v)[l]
+#endif
 
 /* The tables of one byte of tile (8 inputs x[0..8)): nibble tables t[0..16) for x[0..4) and
  * t[16..32) for x[4..8), t[b] = sum_i (bit i of b ? x[i] : -x[i]); when wide, also the byte
@@ -85,12 +91,14 @@ static int NAME(lut_block)(const float *x, int64_t m0, int64_t lanes, int64_t k,
             const float a = alpha[i];
             float *copy = out + i * rows;
             if (bias == NULL) {
-                for (int64_t n = 0; n < rows; ++n) copy[n] = a * acc[n][l];
+                for (int64_t n = 0; n < rows; ++n) copy[n] = a * LANE(acc[n], l);
             } else {
                 const float *b = bias + i * rows;
-                for (int64_t n = 0; n < rows; ++n) copy[n] = a * acc[n][l] + b[n];
+                for (int64_t n = 0; n < rows; ++n) copy[n] = a * LANE(acc[n], l) + b[n];
             }
         }
     }
     return 0;
 }
+
+#undef LANE
