@@ -3,10 +3,10 @@
 ``"auto"`` uses Triton for CUDA activations of a kernel dtype when Triton is installed; on
 CPU, for linear layers, it uses the compiled lookup-table kernel (:mod:`.native`) when it
 could be built and the tile rows start on bytes (row length ``K % 8 == 0``), and the torch
-path otherwise (logged once when the kernel cannot be built). ``"torch"`` always takes the torch path.
-``"native"`` and ``"triton"`` always take their kernel and say clearly why they cannot. Every
-path supports autograd through the activations and the bias (training adapters on a packed
-model).
+path otherwise (logged once when the kernel cannot be built). ``"torch"`` always takes the
+torch path. ``"native"`` and ``"triton"`` always take their kernel and say clearly why they
+cannot. Every path supports autograd through the activations and the bias (training
+adapters on a packed model).
 """
 
 from __future__ import annotations
