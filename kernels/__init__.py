@@ -4,7 +4,7 @@
 - :mod:`.torch_path`: the torch compute-reuse path (the fallback), no compiler or Triton needed.
 - :mod:`.triton_tbn`: the Triton tile-reuse GEMM/GEMV kernel and its launcher.
 - :mod:`.conv`: Conv1d/Conv2d on either kernel through unfold.
-- :mod:`.autograd`: the autograd op shared by the kernels.
+- :mod:`.tile_ops`: the argument checks and the autograd op shared by the kernels.
 - :mod:`.dispatch`: which path a layer takes (``backend`` = "auto" | "torch" | "native" | "triton").
 
 Nothing is imported here: run from a checkout's root, this folder is also importable as a

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .autograd import apply_tile_matmul
+from .tile_ops import apply_tile_matmul, check_operands
 
 SOURCE = Path(__file__).with_name("tbn_lut.c")
 HEADERS = (Path(__file__).with_name("tbn_lut_lanes.h"),)
@@ -119,11 +119,7 @@ def lut_matmul(
         raise ValueError(f"lut_matmul: x must be a CPU tensor of {DTYPES}, got {x.dtype} on {x.device}")
     if k % 8:
         raise ValueError(f"lut_matmul: K must be a multiple of 8 (tile rows start on a byte), got K={k}")
-    if bits.dtype != torch.uint8 or bits.numel() * 8 < (row0 + rows) * k:
-        need = (row0 + rows) * k
-        raise ValueError(f"lut_matmul: bits must be uint8 holding {need} values, got {bits.dtype} {bits.numel()} bytes")
-    if bias is not None and bias.numel() != p * rows:
-        raise ValueError(f"lut_matmul: bias has {bias.numel()} values, expected p * rows = {p * rows}")
+    check_operands("lut_matmul", x, bits, alpha, bias, rows, row0)
     if out is not None and (out.shape != (m, p * rows) or out.dtype != x.dtype):
         want, got = f"{x.dtype} {(m, p * rows)}", f"{out.dtype} {tuple(out.shape)}"
         raise ValueError(f"lut_matmul: out must be {want}, got {got}")

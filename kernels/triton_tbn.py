@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autograd import apply_tile_matmul
+from .tile_ops import apply_tile_matmul, check_operands
 
 _knobs = getattr(triton, "knobs", None)
 # Triton decides interpretation when a kernel is decorated, i.e. when this module is imported.
@@ -112,13 +112,9 @@ def tbn_matmul(
     p = alpha.numel()
     if x.dtype not in DTYPES:
         raise ValueError(f"tbn_matmul: activations must be one of {DTYPES}, got {x.dtype}")
-    if bits.dtype != torch.uint8 or bits.numel() * 8 < (row0 + rows) * k:
-        need = (row0 + rows) * k
-        raise ValueError(f"tbn_matmul: bits must be uint8 holding {need} values, got {bits.dtype} {bits.numel()} bytes")
+    check_operands("tbn_matmul", x, bits, alpha, bias, rows, row0)
     if any(t.device != x.device for t in (bits, alpha, bias) if t is not None):
         raise ValueError(f"tbn_matmul: x, bits, alpha and bias must be on one device, x is on {x.device}")
-    if bias is not None and bias.numel() != p * rows:
-        raise ValueError(f"tbn_matmul: bias has {bias.numel()} values, expected p * rows = {p * rows}")
     if out is None:
         out = x.new_empty(m, p * rows)
     elif out.shape != (m, p * rows):

@@ -1,4 +1,7 @@
-"""Autograd for the tile-product kernels: gradients reach ``x`` and the bias, the tile and scales are fixed."""
+"""What the tile-product kernels' launchers share: their argument checks and their autograd op.
+
+In the op, gradients reach ``x`` and the bias; the tile and the scales are fixed buffers.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,20 @@ from collections.abc import Callable
 import torch
 
 from ..tiling import unpack_range
+
+
+def check_operands(
+    name: str, x: torch.Tensor, bits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int,
+    row0: int,
+) -> None:
+    """ValueError (prefixed by the launcher's ``name``) unless ``bits`` holds tile rows ``row0 .. row0 + rows``
+    of ``x``'s ``K`` values and ``bias`` has one value per output."""
+    k, p = x.shape[1], alpha.numel()
+    if bits.dtype != torch.uint8 or bits.numel() * 8 < (row0 + rows) * k:
+        need = (row0 + rows) * k
+        raise ValueError(f"{name}: bits must be uint8 holding {need} values, got {bits.dtype} {bits.numel()} bytes")
+    if bias is not None and bias.numel() != p * rows:
+        raise ValueError(f"{name}: bias has {bias.numel()} values, expected p * rows = {p * rows}")
 
 
 class TileMatmul(torch.autograd.Function):
