@@ -120,7 +120,8 @@ def _class_names(mapping: Any) -> set[str]:
     return names
 
 
-def eval_results(metrics: Mapping[str, float], task: str, dataset: str, split: str | None = None) -> list[EvalResult]:
+def eval_results_from_metrics(metrics: Mapping[str, float], task: str, dataset: str,
+                              split: str | None = None) -> list[EvalResult]:
     """Trainer-style metrics (``{"eval_accuracy": 0.94, "eval_runtime": 3.1}``) as the card's results.
 
     ``task`` is a Hub task such as ``"text-classification"``, ``dataset`` a Hub dataset id or name.
@@ -154,7 +155,8 @@ def card_data(model: PreTrainedModel, base_model: str | None = None, eval_result
         base_model = inherited.base_model if TAGS[0] in (inherited.tags or []) else None
         base_model = base_model or hub_id(source)
     elif not _valid_repo_id(base_model) or Path(base_model).exists():
-        raise ValueError(f"base_model must be a Hub model id such as 'org/name', got {base_model!r}; "
+        what = "a local path" if Path(base_model).exists() else "not a valid id"
+        raise ValueError(f"base_model must be a Hub model id such as 'org/name', got {base_model!r} ({what}); "
                          "leave it None for a model that is not on the Hub")
     if eval_results and not model_name:
         raise ValueError("eval_results need a model_name to be filed under")

@@ -119,7 +119,7 @@ def test_eval_results_round_trip(source: Path) -> None:
     model = load_tbn(source)
     metrics = {"eval_accuracy": 0.875, "eval_loss": 0.5, "eval_runtime": 1.5, "eval_samples_per_second": 9.0,
                "epoch": 1.0}
-    results = hub.eval_results(metrics, "text-classification", "News: test | v2", split="test")
+    results = hub.eval_results_from_metrics(metrics, "text-classification", "News: test | v2", split="test")
     card = ModelCard(str(hub.model_card(model, eval_results=results, model_id="me/tiny-tbn")))
     assert [(r.metric_type, r.metric_value, r.dataset_name) for r in card.data.eval_results] == [
         ("accuracy", 0.875, "News: test | v2"), ("loss", 0.5, "News: test | v2")]
