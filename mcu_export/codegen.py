@@ -11,8 +11,39 @@ import torch
 from .lower import AffineOp, Geometry, Op, PoolOp, ReluOp, WeightedOp
 
 _VALUES_PER_LINE = 8
-_BYTES_PER_LINE = 16
+_HALFWORDS_PER_LINE = 12
 _UINT16_MAX = 0xFFFF
+# Tile rows from which 16-entry nibble tables beat 4-entry pair tables on the Cortex-M4
+# (measured with scripts/bench_mcu.py --thresholds; docs/mcu.md).
+NIBBLE_TABLE_ROWS = 5
+# Floats of tables a linear tile layer builds at once (its inputs are taken in chunks).
+TABLE_CHUNK_FLOATS = 1024
+
+
+PREFIX_MAX_LEN = 48
+# File stems of the runtime and board files copied next to the model (a prefix names <prefix>.c/.h).
+RUNTIME_STEMS = ("tbn_runtime", "tbn_harness", "tbn_startup", "tbn_board")
+C_KEYWORDS = frozenset(
+    "auto break case char const continue default do double else enum extern float for goto if inline int long "
+    "register restrict return short signed sizeof static struct switch typedef union unsigned void volatile while "
+    "_Bool _Complex _Imaginary main".split()
+)
+
+
+def check_prefix(prefix: str) -> str:
+    """``prefix`` if it can name the model's files and C symbols, else a ValueError saying why."""
+    if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
+        raise ValueError(f"model name {prefix!r} is not a C identifier "
+                         "(letters, digits and _, not starting with a digit)")
+    if len(prefix) > PREFIX_MAX_LEN:
+        raise ValueError(f"model name {prefix!r} is longer than {PREFIX_MAX_LEN} characters")
+    lower = prefix.lower()
+    if lower in RUNTIME_STEMS or lower.startswith("tbn_rt"):
+        raise ValueError(f"model name {prefix!r} is reserved: it would overwrite or clash with the runtime files "
+                         f"({', '.join(RUNTIME_STEMS)}) and symbols (tbn_rt_*)")
+    if prefix in C_KEYWORDS or prefix.startswith("__") or re.match(r"_[A-Z]", prefix):
+        raise ValueError(f"model name {prefix!r} is a C keyword or a name reserved by the C standard")
+    return prefix
 
 
 def c_identifier(text: str, max_len: int = 48) -> str:
@@ -59,9 +90,11 @@ class _Emitter:
         self._array("float", name, items, _VALUES_PER_LINE, 4 * len(items), weight)
         return name
 
-    def bits(self, name: str, packed: torch.Tensor) -> str:
-        items = [f"0x{b:02x}" for b in packed.tolist()]
-        self._array("uint8_t", name, items, _BYTES_PER_LINE, len(items), True)
+    def halfwords(self, name: str, packed: torch.Tensor) -> str:
+        """Packed bytes as little-endian ``uint16_t`` values (an even number of bytes)."""
+        data = packed.tolist()
+        items = [f"0x{data[i] | data[i + 1] << 8:04x}" for i in range(0, len(data), 2)]
+        self._array("uint16_t", name, items, _HALFWORDS_PER_LINE, len(data), True)
         return name
 
     def geometry(self, name: str, g: Geometry, where: str) -> str:
@@ -90,37 +123,70 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def _plan_buffers(ops: list[Op], input_size: int) -> tuple[list[int], list[int]]:
-    """Ping-pong plan: the buffer (0/1) each op writes, and each buffer's size in floats."""
-    sizes, current, writes = [input_size, 0], 0, []
+def _plan_buffers(ops: list[Op]) -> tuple[bool, list[int], list[int]]:
+    """Ping-pong plan: whether the input is copied first, the buffer (0/1) each op writes, sizes in floats.
+
+    The first op that writes a new buffer reads the caller's input directly; an in-place op
+    first needs the input copied into buffer 0.
+    """
+    sizes, current, writes, copy_input = [0, 0], -1, [], False
     for op in ops:
-        if not op.inplace:
-            current = 1 - current
+        if op.inplace and current < 0:
+            copy_input, current = True, 0
+            sizes[0] = _numel(op.in_shape)
+        elif not op.inplace:
+            current = 1 - current if current >= 0 else 0
         sizes[current] = max(sizes[current], _numel(op.out_shape))
         writes.append(current)
-    return writes, sizes
+    return copy_input, writes, sizes
+
+
+def table_kind(op: WeightedOp, nibble_table_rows: int) -> str:
+    """The runtime's table kind for a tiled op: nibble tables from ``nibble_table_rows`` tile rows on."""
+    return "TBN_RT_NIBBLE" if op.rows >= nibble_table_rows else "TBN_RT_PAIR"
+
+
+def _scratch_floats(op: WeightedOp, kind: str) -> tuple[int, int]:
+    """Scratch floats a tiled op needs, and (linear) the halfwords of input whose tables are built at once."""
+    stride = math.ceil(op.row_length / 16)
+    per_halfword = 32 if kind == "TBN_RT_PAIR" else 64  # TBN_RT_TABLE_FLOATS
+    if op.geometry is not None:
+        return op.row_length + stride * per_halfword, stride
+    chunk = max(1, min(stride, TABLE_CHUNK_FLOATS // per_halfword))
+    return chunk * per_halfword, chunk
 
 
 def generate(ops: list[Op], input_shape: tuple[int, ...], output_shape: tuple[int, ...], prefix: str,
-             description: str) -> Generated:
-    """Header and source of the model ``prefix`` (``int <prefix>_run(const float *in, float *out)``)."""
-    prefix = c_identifier(prefix)
+             description: str, nibble_table_rows: int = NIBBLE_TABLE_ROWS) -> Generated:
+    """Header and source of the model ``prefix`` (``int <prefix>_run(const float *in, float *out)``).
+
+    Tiled layers with at least ``nibble_table_rows`` tile rows use 16-entry nibble tables,
+    the others 4-entry pair tables (the threshold is measured: docs/mcu.md).
+    """
+    prefix = check_prefix(prefix)
     macro = prefix.upper()
     input_size, output_size = _numel(input_shape), _numel(output_shape)
-    writes, sizes = _plan_buffers(ops, input_size)
+    copy_input, writes, sizes = _plan_buffers(ops)
     emitter = _Emitter()
-    body: list[str] = [f"    tbn_rt_copy(in, buf0, {input_size}u);"]
-    current = 0
+    scratch = max([0] + [_scratch_floats(op, table_kind(op, nibble_table_rows))[0]
+                         for op in ops if isinstance(op, WeightedOp) and op.tile is not None])
+    body: list[str] = [f"    tbn_rt_copy(in, buf0, {input_size}u);"] if copy_input else []
+    current = 0 if copy_input else -1
     for index, (op, target) in enumerate(zip(ops, writes, strict=True)):
         base = f"{prefix}_l{index}_{c_identifier(op.name, 32)}"
-        src, dst = f"buf{current}", f"buf{target}"
+        src, dst = ("in" if current < 0 else f"buf{current}"), f"buf{target}"
         body.append(f"    /* {_comment(f'{index}: {op.name} {op.kind} {op.in_shape} -> {op.out_shape}')} */")
-        body.extend(_call(op, base, src, dst, emitter))
+        body.extend(_call(op, base, src, dst, emitter, nibble_table_rows))
         current = target
-    body.append(f"    tbn_rt_copy(buf{current}, out, {output_size}u);")
-    arena_floats = sizes[0] + sizes[1]
-    used = sorted({0, *writes})
-    buffers = [f"    float *const buf{b} = {prefix}_arena{' + ' + str(sizes[0]) + 'u' if b else ''};" for b in used]
+    body.append(f"    tbn_rt_copy({'in' if current < 0 else f'buf{current}'}, out, {output_size}u);")
+    arena_floats = sizes[0] + sizes[1] + scratch
+    offsets = {"buf0": 0, "buf1": sizes[0], "scratch": sizes[0] + sizes[1]}
+    used = [f"buf{b}" for b in sorted(set(writes))] + (["scratch"] if scratch else [])
+    pointers = [f"    float *const {b} = {prefix}_arena{' + ' + str(offsets[b]) + 'u' if offsets[b] else ''};"
+                for b in used]
+    arena = [f"/* The activation arena: ping-pong buffers of {sizes[0]} and {sizes[1]} floats, "
+             f"then {scratch} floats of tile tables. */",
+             f"static float {prefix}_arena[{max(arena_floats, 1)}];"]
     source = "\n".join([
         f"/* {_comment(description)}\n * Generated by hf_tbn.mcu_export; do not edit. */",
         f'#include "{prefix}.h"',
@@ -132,11 +198,10 @@ def generate(ops: list[Op], input_shape: tuple[int, ...], output_shape: tuple[in
         "",
         *emitter.lines,
         "",
-        f"/* The activation arena: two ping-pong buffers of {sizes[0]} and {sizes[1]} floats. */",
-        f"static float {prefix}_arena[{arena_floats}];",
+        *arena,
         "",
         f"int {prefix}_run(const float *in, float *out) {{",
-        *buffers,
+        *pointers,
         "    if (in == NULL || out == NULL) return -1;",
         *body,
         "    return 0;",
@@ -159,11 +224,11 @@ def generate(ops: list[Op], input_shape: tuple[int, ...], output_shape: tuple[in
         f"#endif /* {macro}_H */",
         "",
     ])
-    return Generated(header, source, emitter.weight_bytes, emitter.const_bytes, 4 * arena_floats, input_size,
+    return Generated(header, source, emitter.weight_bytes, emitter.const_bytes, 4 * max(arena_floats, 1), input_size,
                      output_size)
 
 
-def _call(op: Op, base: str, src: str, dst: str, emitter: _Emitter) -> list[str]:
+def _call(op: Op, base: str, src: str, dst: str, emitter: _Emitter, nibble_table_rows: int) -> list[str]:
     """The runtime calls of one op; its constants go to ``emitter``."""
     if isinstance(op, ReluOp):
         return [f"    tbn_rt_relu({dst}, {_numel(op.out_shape)}u);"]
@@ -178,19 +243,26 @@ def _call(op: Op, base: str, src: str, dst: str, emitter: _Emitter) -> list[str]
             return [f"    tbn_rt_avgpool2d({src}, {geom}, {int(op.count_include_pad)}, {dst});"]
         return [f"    tbn_rt_maxpool2d({src}, {geom}, {dst});"]
     assert isinstance(op, WeightedOp)
-    if op.bits is not None:
-        weights, suffix = emitter.bits(base + "_bits", op.bits), "bits"
+    if op.tile is not None:
+        weights = emitter.halfwords(base + "_tile", op.tile)
+        kind = table_kind(op, nibble_table_rows)
+        if op.geometry is not None:
+            geom = emitter.geometry(base + "_geom", op.geometry, op.name)
+            first = f"    tbn_rt_conv2d_tile({src}, {geom}, {weights}, {kind}, scratch, {dst});"
+        else:
+            chunk = _scratch_floats(op, kind)[1]
+            first = (f"    tbn_rt_linear_tile({src}, {op.in_shape[0]}u, {op.rows}u, {weights}, {kind}, {chunk}u, "
+                     f"scratch, {dst});")
     else:
-        weights, suffix = emitter.floats(base + "_weight", op.weight, op.name, weight=True), "f32"
-    if op.geometry is not None:
-        geom = emitter.geometry(base + "_geom", op.geometry, op.name)
-        args = f"{weights}, NULL" if op.bits is not None else f"NULL, {weights}"
-        first = f"    tbn_rt_conv2d({src}, {geom}, {args}, {dst});"
-    else:
-        first = f"    tbn_rt_linear_{suffix}({src}, {op.in_shape[0]}u, {op.rows}u, {weights}, {dst});"
+        weights = emitter.floats(base + "_weight", op.weight, op.name, weight=True)
+        if op.geometry is not None:
+            geom = emitter.geometry(base + "_geom", op.geometry, op.name)
+            first = f"    tbn_rt_conv2d_f32({src}, {geom}, {weights}, {dst});"
+        else:
+            first = f"    tbn_rt_linear_f32({src}, {op.in_shape[0]}u, {op.rows}u, {weights}, {dst});"
     if op.scale is None and op.bias is None:
         return [first]
-    scale = "NULL" if op.scale is None else emitter.floats(base + "_scale", op.scale, op.name, op.bits is not None)
+    scale = "NULL" if op.scale is None else emitter.floats(base + "_scale", op.scale, op.name, op.tile is not None)
     bias = "NULL" if op.bias is None else emitter.floats(base + "_bias", op.bias, op.name)
     spatial, per_channel = _numel(op.out_shape[1:]), int(op.scale_per_channel)
     return [first, f"    tbn_rt_copies({dst}, {op.rows}u, {spatial}u, {op.p}u, {scale}, {per_channel}, {bias});"]

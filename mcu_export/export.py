@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from importlib import resources
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .codegen import Generated, c_identifier, generate
+from .codegen import NIBBLE_TABLE_ROWS, Generated, check_prefix, generate
 from .lower import Op, lower, prepare
 
 RUNTIME_SOURCES = ("tbn_runtime.h", "tbn_runtime.c")
@@ -67,23 +68,38 @@ class ExportResult:
         return [self.source, self.directory / "tbn_runtime.c"]
 
 
-def plan_export(model: nn.Module, input_shape: tuple[int, ...], prefix: str = "tbn_model") -> ExportPlan:
-    """Lower ``model`` (either TBN form; not modified) and generate its C, without writing files."""
+def plan_export(model: nn.Module, input_shape: tuple[int, ...], prefix: str = "tbn_model",
+                nibble_table_rows: int = NIBBLE_TABLE_ROWS) -> ExportPlan:
+    """Lower ``model`` (either TBN form; not modified) and generate its C, without writing files.
+
+    ``nibble_table_rows``: tiled layers with at least this many tile rows use 16-entry nibble
+    tables, the others 4-entry pair tables (the default is the measured break-even, docs/mcu.md).
+    """
     input_shape = tuple(int(d) for d in input_shape)
     if not input_shape or min(input_shape) <= 0:
         raise ValueError(f"input_shape must be positive dimensions without the batch, got {input_shape}")
+    prefix = check_prefix(prefix)
     prepared = prepare(model)
+    try:
+        with torch.no_grad():
+            output_shape = tuple(prepared(torch.zeros(1, *input_shape)).shape[1:])
+    except (RuntimeError, ValueError, IndexError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"input shape {input_shape} does not fit {type(model).__name__}: {reason}") from None
     ops = lower(prepared, input_shape)
-    with torch.no_grad():
-        output_shape = tuple(prepared(torch.zeros(1, *input_shape)).shape[1:])
-    prefix = c_identifier(prefix)
     description = f"{prefix}: {type(model).__name__}, input {input_shape}, output {output_shape}, {len(ops)} steps"
     return ExportPlan(prefix, input_shape, output_shape, tuple(ops),
-                      generate(ops, input_shape, output_shape, prefix, description))
+                      generate(ops, input_shape, output_shape, prefix, description, nibble_table_rows))
 
 
 def check_budget(plan: ExportPlan, flash_kb: float | None = None, ram_kb: float | None = None) -> None:
-    """Refuse a model whose constants or arena exceed the budgets, saying what it needs."""
+    """Refuse a model whose constants or arena exceed the budgets, saying what it needs.
+
+    A budget must be a finite number >= 0 (NaN would silently turn the check off).
+    """
+    for flag, budget in (("--flash-kb", flash_kb), ("--ram-kb", ram_kb)):
+        if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
+            raise ValueError(f"budget {flag} must be a finite number of KiB >= 0, got {budget!r}")
     problems = []
     if flash_kb is not None and plan.flash_bytes > flash_kb * 1024:
         problems.append(f"flash: needs {plan.flash_bytes} bytes ({plan.flash_bytes / 1024:.1f} KB) of constants, "
@@ -96,14 +112,15 @@ def check_budget(plan: ExportPlan, flash_kb: float | None = None, ram_kb: float 
 
 
 def export_model(model: nn.Module, input_shape: tuple[int, ...], out_dir: str | Path, prefix: str = "tbn_model",
-                 flash_kb: float | None = None, ram_kb: float | None = None) -> ExportResult:
+                 flash_kb: float | None = None, ram_kb: float | None = None,
+                 nibble_table_rows: int = NIBBLE_TABLE_ROWS) -> ExportResult:
     """Export ``model`` to ``out_dir``: ``<prefix>.h``, ``<prefix>.c`` and the runtime files.
 
     ``input_shape`` excludes the batch, e.g. ``(1, 28, 28)``. The budgets (KiB) are checked
     before anything is written. The board files (harness, startup, linker script) are copied
     too, so the folder builds for the host and for the Cortex-M4 test board as it is.
     """
-    plan = plan_export(model, input_shape, prefix)
+    plan = plan_export(model, input_shape, prefix, nibble_table_rows)
     check_budget(plan, flash_kb, ram_kb)
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)

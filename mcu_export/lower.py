@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import tiling
 from ..convert import pack_model
 from ..layers import TBNConv2d, TBNLayer, TBNLinear
 
@@ -65,15 +66,17 @@ class Op:
 
 @dataclass
 class WeightedOp(Op):
-    """Linear or Conv2d: the ``rows`` rows of a +-1 tile (``bits``) or a float ``weight``.
+    """Linear or Conv2d: the ``rows`` rows of a +-1 tile (``tile``) or a float ``weight``.
 
-    The runtime applies those rows once, then writes ``p`` copies scaled by ``scale``
-    (``p`` values, or one per output channel once a BatchNorm is folded), plus ``bias``.
+    ``tile`` holds the packed rows in the runtime's layout (each row padded to 16 bits, the
+    hf_tbn.tiling bit order within). The runtime applies those rows once, then writes ``p``
+    copies scaled by ``scale`` (``p`` values, or one per output channel once a BatchNorm is
+    folded), plus ``bias``.
     """
 
     rows: int = 0
     p: int = 1
-    bits: torch.Tensor | None = None
+    tile: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     bias: torch.Tensor | None = None
@@ -82,6 +85,11 @@ class WeightedOp(Op):
     @property
     def channels(self) -> int:
         return self.out_shape[0]
+
+    @property
+    def row_length(self) -> int:
+        """Inputs of one output: in features, or ``in_c * k_h * k_w`` of a convolution."""
+        return self.in_shape[0] if self.geometry is None else self.geometry.in_c * self.geometry.k_h * self.geometry.k_w
 
     @property
     def scale_per_channel(self) -> bool:
@@ -151,6 +159,7 @@ def prepare(model: nn.Module) -> nn.Module:
 def lower(model: nn.Module, input_shape: tuple[int, ...]) -> list[Op]:
     """The runtime steps of ``model`` (prepared with :func:`prepare`) for one input of ``input_shape``."""
     layers = chain(model)
+    _check_finite(layers)
     _check_chain(model, layers, input_shape)
     x = torch.zeros(1, *input_shape)
     ops: list[Op] = []
@@ -174,6 +183,16 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> list[Op]:
         else:
             ops.append(_weighted_op(name, module, in_shape, out_shape))
     return ops
+
+
+def _check_finite(layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse NaN or Inf in any floating tensor of a layer (alpha, weight, bias, statistics), naming it."""
+    for name, module in layers:
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for key, tensor in tensors:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = tensor.detach().flatten()[~torch.isfinite(tensor.detach().flatten())][:3].tolist()
+                raise ValueError(f"{name}: {key} holds non-finite values (e.g. {bad}); it cannot be exported")
 
 
 def _check_chain(model: nn.Module, layers: list[tuple[str, nn.Module]], input_shape: tuple[int, ...]) -> None:
@@ -250,10 +269,19 @@ def _weighted_op(name: str, module: nn.Module, in_shape: tuple[int, ...], out_sh
         rows = module.weight_shape[0] // p
         if geometry is not None:
             geometry = Geometry(**{**geometry.__dict__, "out_c": rows})
-        return WeightedOp(name, f"{kind}(p={p})", in_shape, out_shape, rows, p, bits=module.tile.clone(),
+        return WeightedOp(name, f"{kind}(p={p})", in_shape, out_shape, rows, p, tile=_row_tile(module, rows),
                           scale=module.alpha.detach().float().clone(), bias=bias, geometry=geometry)
     return WeightedOp(name, kind, in_shape, out_shape, out_shape[0], 1, weight=module.weight.detach().float().clone(),
                       bias=bias, geometry=geometry)
+
+
+def _row_tile(layer: TBNLayer, rows: int) -> torch.Tensor:
+    """The tile's rows packed one by one, each padded to whole halfwords (``layer.tile`` when aligned)."""
+    values = layer.tile_values().view(rows, -1)
+    pad = (-values.shape[1]) % 16
+    if pad:
+        values = torch.cat([values, values.new_ones(rows, pad)], dim=1)
+    return tiling.pack_bits(values)
 
 
 def _conv_geometry(name: str, conv: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Geometry:

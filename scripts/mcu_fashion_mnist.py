@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from hf_tbn import mcu_export
+from hf_tbn.demos import fashion_mnist as demo
 
-demo, tc = mcu_export.demo, mcu_export.toolchain
+tc = mcu_export.toolchain
 
 VARIANTS: tuple[tuple[str, str, Callable[[], nn.Module]], ...] = (
     ("MLP TBN fc1 p=4, fc2 p=1", "mlp", lambda: demo.mlp(4, 1)),

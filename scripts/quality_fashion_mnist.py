@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 
 import torch
-from hf_tbn.mcu_export.demo import load_fashion_mnist, predict, train
+from hf_tbn.demos.fashion_mnist import load_fashion_mnist, predict, train
 from results import Task, measure, publish, quality_parser
 from torch import nn
 
@@ -64,7 +64,7 @@ def run_task(name: str, build: type[nn.Module] | object, data: dict[str, torch.T
         acc = float((predict(model, data["x_test"]).argmax(-1) == data["y_test"]).float().mean())
         rows.append(measure(p, model, {"test accuracy %": 100 * acc}, seconds))
         print(f"{name} {rows[-1].variant}: accuracy {100 * acc:.2f}%  bits/weight {rows[-1].bits_converted:.3f}  "
-              f"{seconds:.0f}s  factors {rows[-1].layer_factors}", flush=True)
+              f"{seconds:.0f}s  factors {rows[-1].converted_layers}", flush=True)
     budget = {"epochs": epochs, "batch_size": 128, "optimizer": "Adam", "lr": lr, "lr schedule": schedule, "seed": seed,
               "train_images": int(data["x_train"].shape[0]), "test_images": int(data["x_test"].shape[0]),
               "min_compress_size": min_compress_size, "full precision layers": fp_layers}

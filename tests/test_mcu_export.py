@@ -14,8 +14,9 @@ from torch import nn
 
 from hf_tbn import TBNConv2d, TBNLinear, mcu_export, tiling
 from hf_tbn.cli import main as cli_main
+from hf_tbn.demos import fashion_mnist as demo
 
-demo, tc = mcu_export.demo, mcu_export.toolchain
+tc = mcu_export.toolchain
 export_model, plan_export = mcu_export.export_model, mcu_export.plan_export
 
 HOST_IMAGES = 500
@@ -70,11 +71,11 @@ def test_tiled_layer_uses_compute_reuse_and_tiling_bits(trained: dict[str, nn.Mo
     plan = plan_export(model, (1, 28, 28))
     fc1 = plan.ops[0]
     assert (fc1.rows, fc1.p) == (32, 4)  # 128 outputs: the 32 tile rows once, 4 scaled copies
-    assert "tbn_rt_linear_bits(buf0, 784u, 32u," in plan.generated.source
-    assert "tbn_rt_copies(buf1, 32u, 1u, 4u," in plan.generated.source
+    assert "tbn_rt_linear_tile(in, 784u, 32u, tbn_model_l0_fc1_tile, TBN_RT_NIBBLE," in plan.generated.source
+    assert "tbn_rt_copies(buf0, 32u, 1u, 4u," in plan.generated.source
     expected = tiling.pack_bits(tiling.aggregate_sign(model.fc1.weight.detach(), 4))
-    assert torch.equal(fc1.bits, expected)
-    first = ", ".join(f"0x{b:02x}" for b in expected[:16].tolist())
+    assert torch.equal(fc1.tile, expected)  # 784 % 16 == 0: the rows need no padding
+    first = ", ".join(f"0x{lo | hi << 8:04x}" for lo, hi in expected[:24].view(-1, 2).tolist())
     assert first in plan.generated.source
     assert plan.generated.weight_bytes == model.fc1.storage_bytes() + model.fc2.storage_bytes()
 
@@ -84,7 +85,7 @@ def test_footprint_counts_the_models_constants_and_arena(tmp_path: Path) -> None
     fp = tc.footprint(export)
     assert fp.rodata == export.plan.flash_bytes == 3316
     assert fp.bss == export.plan.ram_bytes and fp.data == 0
-    assert 0 < fp.text < 2048  # tbn_model_run and the three kernels it calls, nothing else
+    assert 0 < fp.text < 4096  # tbn_model_run and the kernels it calls, nothing else
 
 
 def test_latent_model_is_not_modified_and_exports_like_packed(trained: dict[str, nn.Module]) -> None:
@@ -148,8 +149,7 @@ def test_any_module_names_give_valid_c(tmp_path: Path) -> None:
     model.add_module("1 fc/*é*/", TBNLinear(6, 4, compression_factor=2))
     model.add_module("int??/", nn.ReLU())
     model.add_module("fc-2 ü", TBNLinear(4, 2, compression_factor=1))
-    export = export_model(model, (6,), tmp_path, prefix="9 my-model*/")
-    assert export.plan.prefix == "m_9_my_model"
+    export = export_model(model, (6,), tmp_path, prefix="my_model")
     x = torch.randn(8, 6)
     host = tc.run_host(export, tc.build_host(export), x)
     assert rel_err(host, model(x).detach()) <= MAX_REL_ERR
@@ -164,7 +164,7 @@ def test_over_budget_is_refused_with_sizes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=rf"RAM: needs {plan.ram_bytes} bytes .*--ram-kb 1"):
         export_model(model, (1, 28, 28), tmp_path / "b", ram_kb=1)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    export_model(model, (1, 28, 28), tmp_path / "c", flash_kb=4, ram_kb=4)
+    export_model(model, (1, 28, 28), tmp_path / "c", flash_kb=4, ram_kb=plan.ram_bytes / 1024)
 
 
 @pytest.mark.parametrize(
@@ -211,3 +211,121 @@ def test_cli_exports_and_refuses_over_budget(tmp_path: Path, capsys: pytest.Capt
     code = cli_main(["export-mcu", str(path), "--input-shape", "784", "--out", str(tmp_path / "d"), "--flash-kb", "1"])
     assert code == 1
     assert "flash: needs 3316 bytes" in capsys.readouterr().err
+
+
+def _tile_models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """Tiled layers whose row lengths leave every tail of the kernels (halfwords, nibbles, pairs, chunks)."""
+    torch.manual_seed(3)
+    return [
+        ("linear 37->12 p=3", nn.Sequential(TBNLinear(37, 12, bias=True, compression_factor=3)), (37,)),
+        ("linear 1000->8 p=1", nn.Sequential(TBNLinear(1000, 8, bias=False, compression_factor=1)), (1000,)),
+        ("linear 21->2 p=1", nn.Sequential(TBNLinear(21, 2, bias=True, compression_factor=1)), (21,)),
+        ("conv 3->8 p=2", nn.Sequential(TBNConv2d(3, 8, 3, stride=2, padding=2, dilation=2, compression_factor=2)),
+         (3, 9, 7)),
+        ("conv 5->6 p=1", nn.Sequential(TBNConv2d(5, 6, (2, 3), padding=(1, 0), bias=True, compression_factor=1)),
+         (5, 6, 6)),
+    ]
+
+
+@pytest.mark.parametrize("nibble_table_rows", [1, 10**6], ids=["nibble", "pair"])
+def test_both_table_kinds_match_on_host(nibble_table_rows: int, tmp_path: Path) -> None:
+    for index, (name, model, shape) in enumerate(_tile_models()):
+        model.eval()
+        x = torch.randn(40, *shape, generator=torch.Generator().manual_seed(index))
+        with torch.no_grad():
+            ref = model(x).flatten(1)
+        export = export_model(model, shape, tmp_path / str(index), nibble_table_rows=nibble_table_rows)
+        kind = "TBN_RT_NIBBLE" if nibble_table_rows == 1 else "TBN_RT_PAIR"
+        assert kind in export.plan.generated.source, name
+        host = tc.run_host(export, tc.build_host(export), x)
+        assert rel_err(host, ref) <= MAX_REL_ERR, name
+        assert torch.equal(host.argmax(1), ref.argmax(1)), name
+
+
+def test_row_padding_keeps_the_tiling_bit_order() -> None:
+    model = nn.Sequential(TBNLinear(21, 4, compression_factor=2))
+    fc = plan_export(model, (21,)).ops[0]
+    rows = tiling.unpack_bits(fc.tile, fc.tile.numel() * 8).view(2, 32)  # 21 bits padded to 32 per row
+    expected = model[0].tile_values().view(2, 21)
+    assert torch.equal(rows[:, :21], expected)
+
+
+@pytest.mark.parametrize("name", ["tbn_runtime", "tbn_harness", "tbn_startup", "TBN_Board", "tbn_rt_x", "", "9fm",
+                                  "my-model", "int", "__x", "_Model", "a" * 49])
+def test_bad_or_reserved_names_are_refused(name: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="model name"):
+        export_model(demo.mlp(4, 1), (784,), tmp_path / "out", prefix=name)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), -1.0])
+def test_non_finite_or_negative_budgets_are_refused(budget: float, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--flash-kb must be a finite number"):
+        export_model(demo.mlp(4, 1), (784,), tmp_path / "a", flash_kb=budget)
+    with pytest.raises(ValueError, match="--ram-kb must be a finite number"):
+        export_model(demo.mlp(4, 1), (784,), tmp_path / "b", ram_kb=budget)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("flag", ["--flash-kb", "--ram-kb"])
+@pytest.mark.parametrize("value", ["nan", "-2", "inf"])
+def test_cli_refuses_bad_budgets(flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "mlp.pt"
+    torch.save(demo.mlp(4, 1), path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["export-mcu", str(path), "--input-shape", "784", "--out", str(tmp_path / "c"), flag, value])
+    assert exit_info.value.code == 2
+    assert "finite number of KiB" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_alpha_is_refused_naming_the_layer(value: float) -> None:
+    model = demo.mlp(4, 1)
+    model.fc1.pack()
+    model.fc1.alpha[2] = value
+    with pytest.raises(ValueError, match=r"^fc1: alpha holds non-finite values"):
+        plan_export(model, (784,))
+
+
+def test_cli_wrong_input_shape_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "mlp.pt"
+    torch.save(demo.mlp(4, 1), path)
+    assert cli_main(["export-mcu", str(path), "--input-shape", "1,28", "--out", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "input shape (1, 28) does not fit Sequential" in err
+    assert not (tmp_path / "c").exists()
+
+
+class _Payload:
+    """Unpickling this touches a file: what a hostile model file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return (Path.touch, (self.marker,))
+
+
+def test_cli_loads_with_an_allow_list_and_trusts_only_on_request(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"model": _Payload(marker)}, hostile)
+    args = ["export-mcu", str(hostile), "--input-shape", "4", "--out", str(tmp_path / "c")]
+    assert cli_main(args) == 1
+    assert "--trust-pickle" in capsys.readouterr().err and not marker.exists()
+
+    custom = tmp_path / "residual.pt"
+    torch.save(_Residual(), custom)  # a class outside the allow-list
+    args = ["export-mcu", str(custom), "--input-shape", "4", "--out", str(tmp_path / "d")]
+    assert cli_main(args) == 1
+    assert "refused by the restricted loader" in capsys.readouterr().err
+    assert cli_main([*args, "--trust-pickle"]) == 1  # loaded, then refused by the exporter itself
+    assert "its forward is not the chain" in capsys.readouterr().err
+
+    for model in (demo.mlp(4, 1), demo.cnn(1, 4, 1), demo.mlp(None, None)):
+        path = tmp_path / "ok.pt"
+        torch.save(model, path)
+        out = tmp_path / "ok"
+        assert cli_main(["export-mcu", str(path), "--input-shape", "1,28,28", "--out", str(out), "--name", "m"]) == 0
+        assert (out / "m.c").exists()

@@ -3,36 +3,159 @@
 
 #include <stddef.h>
 
-/* +-xv for bit idx of a tile (hf_tbn.tiling bit order). */
-#define TBN_RT_BIT_TERM(w, idx, xv) ((((w)[(idx) >> 3] >> ((idx) & 7u)) & 1u) ? (xv) : -(xv))
-
-/* +-x for tile bit k of byte b. */
-#define TBN_RT_PM(b, k, xv) ((((b) >> (k)) & 1u) ? (xv) : -(xv))
-
-/* Dot product of x[0, n) with tile bits [first, first + n): whole bytes unrolled, the
- * unaligned head and the tail bit by bit. */
-static float tbn_rt_dot_bits(const float *x, uint32_t n, const uint8_t *bits, uint32_t first) {
-    float acc = 0.0f;
-    uint32_t j = 0;
-    for (; j < n && ((first + j) & 7u) != 0; ++j) acc += TBN_RT_BIT_TERM(bits, first + j, x[j]);
-    for (; j + 8u <= n; j += 8u) {
-        const uint32_t b = bits[(first + j) >> 3];
-        acc += TBN_RT_PM(b, 0, x[j]);
-        acc += TBN_RT_PM(b, 1, x[j + 1]);
-        acc += TBN_RT_PM(b, 2, x[j + 2]);
-        acc += TBN_RT_PM(b, 3, x[j + 3]);
-        acc += TBN_RT_PM(b, 4, x[j + 4]);
-        acc += TBN_RT_PM(b, 5, x[j + 5]);
-        acc += TBN_RT_PM(b, 6, x[j + 6]);
-        acc += TBN_RT_PM(b, 7, x[j + 7]);
-    }
-    for (; j < n; ++j) acc += TBN_RT_BIT_TERM(bits, first + j, x[j]);
-    return acc;
+/* t[v] = sum_i (bit i of v ? x[i] : -x[i]) for the 16 nibbles v: 8 sums of pairs, and
+ * t[15 - v] = -t[v] for the other 8. */
+static inline void tbn_rt_nibble_table(const float *x, float *t) {
+    const float s01 = x[0] + x[1], d01 = x[0] - x[1], s23 = x[2] + x[3], d23 = x[2] - x[3];
+    const float t15 = s01 + s23, t14 = s23 - d01, t13 = d01 + s23, t12 = s23 - s01;
+    const float t11 = s01 - d23, t9 = d01 - d23, t7 = s01 + d23, t5 = d01 + d23;
+    t[0] = -t15;
+    t[1] = -t14;
+    t[2] = -t13;
+    t[3] = -t12;
+    t[4] = -t11;
+    t[5] = t5;
+    t[6] = -t9;
+    t[7] = t7;
+    t[8] = -t7;
+    t[9] = t9;
+    t[10] = -t5;
+    t[11] = t11;
+    t[12] = t12;
+    t[13] = t13;
+    t[14] = t14;
+    t[15] = t15;
 }
 
-void tbn_rt_linear_bits(const float *x, uint32_t in, uint32_t rows, const uint8_t *bits, float *y) {
+/* Tables of the inputs x[0, n) (zeros stand in after x[n - 1]): for TBN_RT_NIBBLE the 16
+ * sums t[16 q + v] of each group q of 4 inputs, for TBN_RT_PAIR the 4 sums t[4 q + v] of
+ * each pair q (-x0 - x1, x0 - x1, x1 - x0, x0 + x1). */
+static void tbn_rt_tables(const float *x, uint32_t n, int kind, float *t) {
+    float padded[4];
+    uint32_t i, j;
+    if (kind == TBN_RT_PAIR) {
+        for (i = 0; i + 2u <= n; i += 2u, t += 4) {
+            const float s = x[i] + x[i + 1u], d = x[i] - x[i + 1u];
+            t[0] = -s;
+            t[1] = d;
+            t[2] = -d;
+            t[3] = s;
+        }
+        if (i < n) {
+            t[0] = -x[i];
+            t[1] = x[i];
+            t[2] = -x[i];
+            t[3] = x[i];
+        }
+        return;
+    }
+    for (i = 0; i + 4u <= n; i += 4u, t += 16) tbn_rt_nibble_table(x + i, t);
+    if (i < n) {
+        for (j = 0; j < 4u; ++j) padded[j] = i + j < n ? x[i + j] : 0.0f;
+        tbn_rt_nibble_table(padded, t);
+    }
+}
+
+/* acc += the 4 nibble lookups of halfword v in the tables tb[o .. o + 64). */
+#define TBN_RT_HALFWORD(acc, tb, o, v)                  \
+    do {                                                \
+        (acc) += (tb)[(o) + ((v) & 15u)];               \
+        (acc) += (tb)[(o) + 16u + (((v) >> 4) & 15u)];  \
+        (acc) += (tb)[(o) + 32u + (((v) >> 8) & 15u)];  \
+        (acc) += (tb)[(o) + 48u + ((v) >> 12)];         \
+    } while (0)
+
+/* y[r * y_step] (+)= tile row r applied to the n inputs of the tables t: one lookup per nibble.
+ * A row is `stride` halfwords, 16 inputs each (nibble q of halfword k: inputs 16 k + 4 q ...);
+ * four halfwords per iteration keep every table offset within a load's immediate. */
+static void tbn_rt_lookup_nibble(const float *t, uint32_t n, const uint16_t *tile, uint32_t stride, uint32_t rows,
+                                 float *y, uint32_t y_step, int accumulate) {
+    const uint32_t quads = n / 64u, rest = (n / 16u) % 4u, tail = (n % 16u + 3u) / 4u;
     uint32_t r;
-    for (r = 0; r < rows; ++r) y[r] = tbn_rt_dot_bits(x, in, bits, r * in);
+    for (r = 0; r < rows; ++r, tile += stride, y += y_step) {
+        const uint16_t *w = tile;
+        const float *tb = t;
+        float acc = accumulate ? *y : 0.0f;
+        uint32_t k;
+        for (k = quads; k != 0; --k, w += 4, tb += 256) {
+            const uint32_t v0 = w[0], v1 = w[1], v2 = w[2], v3 = w[3];
+            TBN_RT_HALFWORD(acc, tb, 0u, v0);
+            TBN_RT_HALFWORD(acc, tb, 64u, v1);
+            TBN_RT_HALFWORD(acc, tb, 128u, v2);
+            TBN_RT_HALFWORD(acc, tb, 192u, v3);
+        }
+        for (k = rest; k != 0; --k, tb += 64) {
+            const uint32_t v = *w++;
+            TBN_RT_HALFWORD(acc, tb, 0u, v);
+        }
+        if (tail != 0u) {
+            uint32_t v = *w, q;
+            for (q = 0; q < tail; ++q, v >>= 4, tb += 16) acc += tb[v & 15u];
+        }
+        *y = acc;
+    }
+}
+
+/* acc += the 8 pair lookups of halfword v in the tables tb[o .. o + 32). */
+#define TBN_RT_HALFWORD_PAIRS(acc, tb, o, v)            \
+    do {                                                \
+        (acc) += (tb)[(o) + ((v) & 3u)];                \
+        (acc) += (tb)[(o) + 4u + (((v) >> 2) & 3u)];    \
+        (acc) += (tb)[(o) + 8u + (((v) >> 4) & 3u)];    \
+        (acc) += (tb)[(o) + 12u + (((v) >> 6) & 3u)];   \
+        (acc) += (tb)[(o) + 16u + (((v) >> 8) & 3u)];   \
+        (acc) += (tb)[(o) + 20u + (((v) >> 10) & 3u)];  \
+        (acc) += (tb)[(o) + 24u + (((v) >> 12) & 3u)];  \
+        (acc) += (tb)[(o) + 28u + ((v) >> 14)];         \
+    } while (0)
+
+/* As tbn_rt_lookup_nibble with pair tables: one lookup per 2 inputs (cheaper tables, for few rows). */
+static void tbn_rt_lookup_pair(const float *t, uint32_t n, const uint16_t *tile, uint32_t stride, uint32_t rows,
+                               float *y, uint32_t y_step, int accumulate) {
+    const uint32_t quads = n / 64u, rest = (n / 16u) % 4u, tail = (n % 16u + 1u) / 2u;
+    uint32_t r;
+    for (r = 0; r < rows; ++r, tile += stride, y += y_step) {
+        const uint16_t *w = tile;
+        const float *tb = t;
+        float acc = accumulate ? *y : 0.0f;
+        uint32_t k;
+        for (k = quads; k != 0; --k, w += 4, tb += 128) {
+            const uint32_t v0 = w[0], v1 = w[1], v2 = w[2], v3 = w[3];
+            TBN_RT_HALFWORD_PAIRS(acc, tb, 0u, v0);
+            TBN_RT_HALFWORD_PAIRS(acc, tb, 32u, v1);
+            TBN_RT_HALFWORD_PAIRS(acc, tb, 64u, v2);
+            TBN_RT_HALFWORD_PAIRS(acc, tb, 96u, v3);
+        }
+        for (k = rest; k != 0; --k, tb += 32) {
+            const uint32_t v = *w++;
+            TBN_RT_HALFWORD_PAIRS(acc, tb, 0u, v);
+        }
+        if (tail != 0u) {
+            uint32_t v = *w, q;
+            for (q = 0; q < tail; ++q, v >>= 2, tb += 4) acc += tb[v & 3u];
+        }
+        *y = acc;
+    }
+}
+
+static void tbn_rt_lookup(const float *t, uint32_t n, int kind, const uint16_t *tile, uint32_t stride, uint32_t rows,
+                          float *y, uint32_t y_step, int accumulate) {
+    if (kind == TBN_RT_PAIR) {
+        tbn_rt_lookup_pair(t, n, tile, stride, rows, y, y_step, accumulate);
+    } else {
+        tbn_rt_lookup_nibble(t, n, tile, stride, rows, y, y_step, accumulate);
+    }
+}
+
+void tbn_rt_linear_tile(const float *x, uint32_t in, uint32_t rows, const uint16_t *tile, int kind, uint32_t chunk,
+                        float *tables, float *y) {
+    const uint32_t stride = (in + 15u) / 16u;
+    uint32_t h0;
+    for (h0 = 0; h0 < stride; h0 += chunk) {
+        const uint32_t n = in - 16u * h0 < 16u * chunk ? in - 16u * h0 : 16u * chunk;
+        tbn_rt_tables(x + 16u * h0, n, kind, tables);
+        tbn_rt_lookup(tables, n, kind, tile + h0, stride, rows, y, 1u, h0 != 0u);
+    }
 }
 
 void tbn_rt_linear_f32(const float *x, uint32_t in, uint32_t rows, const float *w, float *y) {
@@ -46,6 +169,38 @@ void tbn_rt_linear_f32(const float *x, uint32_t in, uint32_t rows, const float *
     }
 }
 
+/* The input patch of output position (oy, ox) in the weight order (ic, ky, kx), zeros for padding. */
+static void tbn_rt_patch(const float *x, const tbn_rt_geom_t *g, uint32_t oy, uint32_t ox, float *patch) {
+    uint32_t ic, ky, kx;
+    for (ic = 0; ic < g->in_c; ++ic) {
+        const float *xc = x + ic * (uint32_t)g->in_h * g->in_w;
+        for (ky = 0; ky < g->k_h; ++ky) {
+            const int32_t iy = (int32_t)(oy * g->stride_h + ky * g->dil_h) - g->pad_h;
+            const int row_ok = iy >= 0 && iy < (int32_t)g->in_h;
+            const float *xr = xc + (row_ok ? (uint32_t)iy * g->in_w : 0u);
+            for (kx = 0; kx < g->k_w; ++kx) {
+                const int32_t ix = (int32_t)(ox * g->stride_w + kx * g->dil_w) - g->pad_w;
+                *patch++ = row_ok && ix >= 0 && ix < (int32_t)g->in_w ? xr[ix] : 0.0f;
+            }
+        }
+    }
+}
+
+void tbn_rt_conv2d_tile(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, int kind, float *scratch,
+                        float *y) {
+    const uint32_t in = (uint32_t)g->in_c * g->k_h * g->k_w, stride = (in + 15u) / 16u;
+    const uint32_t plane = (uint32_t)g->out_h * g->out_w;
+    float *const tables = scratch + in;
+    uint32_t oy, ox;
+    for (oy = 0; oy < g->out_h; ++oy) {
+        for (ox = 0; ox < g->out_w; ++ox) {
+            tbn_rt_patch(x, g, oy, ox, scratch);
+            tbn_rt_tables(scratch, in, kind, tables);
+            tbn_rt_lookup(tables, in, kind, tile, stride, g->out_c, y + oy * g->out_w + ox, plane, 0);
+        }
+    }
+}
+
 /* Output positions [first, end) along one axis whose input index o * stride + offset is inside [0, in). */
 static void tbn_rt_valid(int32_t offset, uint32_t stride, uint32_t in, uint32_t out, uint32_t *first, uint32_t *end) {
     const int32_t last = (int32_t)in - 1 - offset;
@@ -56,10 +211,10 @@ static void tbn_rt_valid(int32_t offset, uint32_t stride, uint32_t in, uint32_t 
     *end = e > f ? e : f;
 }
 
-/* Weight-stationary loop nest: for each output channel and tap, the weight (a tile bit as
- * +-1, or a float) is read once and applied to every output position the tap reaches, so
- * the inner loop has no bounds checks. Each output sums its taps in (ic, ky, kx) order. */
-void tbn_rt_conv2d(const float *x, const tbn_rt_geom_t *g, const uint8_t *bits, const float *w, float *y) {
+/* Weight-stationary loop nest: for each output channel and tap, the weight is read once
+ * and applied to every output position the tap reaches, so the inner loop has no bounds
+ * checks. Each output sums its taps in (ic, ky, kx) order. */
+void tbn_rt_conv2d_f32(const float *x, const tbn_rt_geom_t *g, const float *w, float *y) {
     const uint32_t plane = (uint32_t)g->out_h * g->out_w, in_plane = (uint32_t)g->in_h * g->in_w;
     uint32_t oc, ic, ky, kx, oy, ox, idx = 0;
     for (oc = 0; oc < g->out_c; ++oc) {
@@ -73,7 +228,7 @@ void tbn_rt_conv2d(const float *x, const tbn_rt_geom_t *g, const uint8_t *bits, 
                 tbn_rt_valid(off_y, g->stride_h, g->in_h, g->out_h, &oy0, &oy1);
                 for (kx = 0; kx < g->k_w; ++kx, ++idx) {
                     const int32_t off_x = (int32_t)(kx * g->dil_w) - g->pad_w;
-                    const float v = bits != NULL ? TBN_RT_BIT_TERM(bits, idx, 1.0f) : w[idx];
+                    const float v = w[idx];
                     uint32_t ox0, ox1;
                     tbn_rt_valid(off_x, g->stride_w, g->in_w, g->out_w, &ox0, &ox1);
                     for (oy = oy0; oy < oy1; ++oy) {

@@ -1,9 +1,18 @@
-/* Kernels of the hf-tbn microcontroller runtime (portable C99, float32, no malloc).
+/* Kernels of the hf-tbn microcontroller runtime (portable C99, float32, no malloc, no libc).
  *
  * A tiled layer is computed with the compute-reuse identity: the kernel applies the
  * out/p-row tile ONCE, writing its rows at the start of the output buffer, then
  * tbn_rt_copies() turns them in place into the p scaled copies (plus bias).
- * Tile bits follow hf_tbn.tiling: element j is bit (j % 8) of byte (j / 8), set = +1.
+ *
+ * Tile layout: row r of the tile (one output of the out/p rows) holds the signs of its
+ * `in` weights (Linear: in features; Conv2d: in_c * k_h * k_w in PyTorch's weight order)
+ * in stride = ceil(in / 16) uint16 values, element j being bit (j % 16) of value (j / 16),
+ * set = +1: the hf_tbn.tiling bit order read as little-endian halfwords, each row padded to
+ * whole halfwords (nothing to pad when in % 16 == 0). The tile is never decoded bit by bit:
+ * for each group of 4 inputs the kernel builds the table of their 16 signed sums, once, and
+ * every tile row adds one entry per nibble (TBN_RT_NIBBLE); for a few rows, where building
+ * tables dominates, 4-entry tables of each pair of inputs and one entry per 2 bits
+ * (TBN_RT_PAIR). The exporter picks the kind per layer from its row count.
  */
 #ifndef TBN_RUNTIME_H
 #define TBN_RUNTIME_H
@@ -17,13 +26,27 @@ typedef struct {
     uint16_t k_h, k_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
 } tbn_rt_geom_t;
 
-/* y[r] = sum_j T[r][j] x[j] for the rows of a +-1 tile (bits) or a float32 weight. */
-void tbn_rt_linear_bits(const float *x, uint32_t in, uint32_t rows, const uint8_t *bits, float *y);
+/* Table kinds of the tile kernels, and the floats of tables 16 inputs need. */
+#define TBN_RT_NIBBLE 0
+#define TBN_RT_PAIR 1
+#define TBN_RT_TABLE_FLOATS(kind) ((kind) == TBN_RT_PAIR ? 32u : 64u) /* per 16 inputs */
+
+/* y[r] = sum_j T[r][j] x[j] for the rows of a tile. The tables of 16 * chunk inputs at a
+ * time go to `tables` (chunk * TBN_RT_TABLE_FLOATS(kind) floats). */
+void tbn_rt_linear_tile(const float *x, uint32_t in, uint32_t rows, const uint16_t *tile, int kind, uint32_t chunk,
+                        float *tables, float *y);
+
+/* y[r] = sum_j w[r][j] x[j] for a float32 weight. */
 void tbn_rt_linear_f32(const float *x, uint32_t in, uint32_t rows, const float *w, float *y);
 
-/* Convolution of x (in_c, in_h, in_w) with the g->out_c rows of a tile (bits, w NULL)
- * or of a float32 weight (w, bits NULL). */
-void tbn_rt_conv2d(const float *x, const tbn_rt_geom_t *g, const uint8_t *bits, const float *w, float *y);
+/* Convolution of x (in_c, in_h, in_w) with the g->out_c rows of a tile: per output position
+ * the input patch (in = in_c * k_h * k_w floats) is gathered into scratch, the tables of
+ * the whole patch follow it (ceil(in / 16) * TBN_RT_TABLE_FLOATS(kind) floats). */
+void tbn_rt_conv2d_tile(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, int kind, float *scratch,
+                        float *y);
+
+/* Convolution of x with a float32 weight (g->out_c, in_c, k_h, k_w). */
+void tbn_rt_conv2d_f32(const float *x, const tbn_rt_geom_t *g, const float *w, float *y);
 
 /* In place: y holds rows*spatial tile outputs; writes the p copies, copy i scaled by
  * scale[i] (scale_per_channel = 0) or channel c by scale[c] (= 1, BatchNorm folded),

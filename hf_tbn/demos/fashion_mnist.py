@@ -1,4 +1,4 @@
-"""Fashion-MNIST models of the MCU demo and tests: the paper's MLP, a small CNN, training.
+"""Fashion-MNIST for the MCU demo, tests and scripts: data, the paper's MLP, a small CNN, training.
 
 Data: the Debian package ``dataset-fashion-mnist`` (idx files under
 ``/usr/share/datasets/fashion-mnist``). The models are ``nn.Sequential`` chains, the form
