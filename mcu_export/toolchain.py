@@ -42,32 +42,70 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str:
     return proc.stdout
 
 
-def _harness_flags(export: ExportResult) -> list[str]:
-    plan = export.plan
+@dataclass(frozen=True)
+class Program:
+    """A model's C for the harness: its sources in ``directory`` (which also holds the harness and
+    board files), the entry point ``<prefix>_run`` declared in ``<prefix>.h``, and its sizes in floats.
+
+    ``library`` sources (e.g. CMSIS-NN for the int8 baseline) are compiled with ``flags`` and
+    without the strict warnings."""
+
+    directory: Path
+    prefix: str
+    sources: tuple[Path, ...]
+    input_size: int
+    output_size: int
+    library: tuple[Path, ...] = ()
+    flags: tuple[str, ...] = ()
+
+
+def program(export: ExportResult | Program) -> Program:
+    """The :class:`Program` of an export (a Program is returned as it is)."""
+    if isinstance(export, Program):
+        return export
+    g = export.plan.generated
+    return Program(export.directory, export.plan.prefix, tuple(export.c_sources()), g.input_size, g.output_size)
+
+
+def harness_flags(prog: Program) -> list[str]:
+    """The -D/-I flags that bind ``tbn_harness.c`` to the model (also what a user passes by hand)."""
     return [
-        f"-DTBN_HARNESS_HEADER=\"{plan.prefix}.h\"", f"-DTBN_HARNESS_RUN={plan.prefix}_run",
-        f"-DTBN_HARNESS_IN={plan.generated.input_size}", f"-DTBN_HARNESS_OUT={plan.generated.output_size}",
-        f"-I{export.directory}",
+        f"-DTBN_HARNESS_HEADER=\"{prog.prefix}.h\"", f"-DTBN_HARNESS_RUN={prog.prefix}_run",
+        f"-DTBN_HARNESS_IN={prog.input_size}", f"-DTBN_HARNESS_OUT={prog.output_size}", f"-I{prog.directory}",
     ]
 
 
-def build_host(export: ExportResult, exe: Path | None = None) -> Path:
+def _objects(prog: Program, compiler: list[str], suffix: str) -> list[str]:
+    """The library sources compiled apart (relaxed warnings), as object files."""
+    objects = []
+    for src in prog.library:
+        obj = prog.directory / f"{src.parent.name}_{src.stem}{suffix}"
+        _run([*compiler, "-std=c99", "-O2", *prog.flags, "-c", str(src), "-o", str(obj)])
+        objects.append(str(obj))
+    return objects
+
+
+def build_host(export: ExportResult | Program, exe: Path | None = None) -> Path:
     """Compile the export and the harness with ``gcc -std=c99 -Wall -Wextra -Werror``."""
-    exe = exe or export.directory / "tbn_host"
-    sources = [*export.c_sources(), export.directory / "tbn_harness.c"]
-    _run([require("gcc"), *STRICT_C99, *_harness_flags(export), *map(str, sources), "-o", str(exe)])
+    prog = program(export)
+    exe = exe or prog.directory / "tbn_host"
+    sources = [*prog.sources, prog.directory / "tbn_harness.c"]
+    libs = _objects(prog, [require("gcc")], ".host.o")
+    _run([require("gcc"), *STRICT_C99, *prog.flags, *harness_flags(prog), *map(str, sources), *libs, "-o", str(exe)])
     return exe
 
 
-def build_board(export: ExportResult, elf: Path | None = None) -> Path:
+def build_board(export: ExportResult | Program, elf: Path | None = None) -> Path:
     """Cross-compile the export, harness and startup for the Cortex-M4 board (newlib semihosting)."""
-    elf = elf or export.directory / "tbn_m4.elf"
-    d = export.directory
-    sources = [*export.c_sources(), d / "tbn_harness.c", d / "tbn_startup.c"]
+    prog = program(export)
+    d = prog.directory
+    elf = elf or d / "tbn_m4.elf"
+    sources = [*prog.sources, d / "tbn_harness.c", d / "tbn_startup.c"]
+    cross = [require("arm-none-eabi-gcc"), *CORTEX_M4, "-ffunction-sections", "-fdata-sections"]
+    libs = _objects(prog, cross, ".m4.o")
     _run([
-        require("arm-none-eabi-gcc"), *CORTEX_M4, *STRICT_C99, "-ffunction-sections", "-fdata-sections",
-        "--specs=rdimon.specs", "-Wl,--gc-sections", "-T", str(d / "tbn_board.ld"), *_harness_flags(export),
-        *map(str, sources), "-o", str(elf),
+        *cross, *STRICT_C99, *prog.flags, "--specs=rdimon.specs", "-Wl,--gc-sections", "-T", str(d / "tbn_board.ld"),
+        *harness_flags(prog), *map(str, sources), *libs, "-o", str(elf),
     ])
     return elf
 
@@ -84,11 +122,12 @@ def _read_outputs(workdir: Path, count: int, size: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.float32).view(count, size)
 
 
-def run_host(export: ExportResult, exe: Path, inputs: torch.Tensor) -> torch.Tensor:
+def run_host(export: ExportResult | Program, exe: Path, inputs: torch.Tensor) -> torch.Tensor:
     """Outputs ``(n, output_size)`` of the host build on ``inputs`` ``(n, *input_shape)``."""
-    _write_inputs(inputs, export.directory)
-    _run([str(exe.resolve())], cwd=export.directory)
-    return _read_outputs(export.directory, inputs.shape[0], export.plan.generated.output_size)
+    prog = program(export)
+    _write_inputs(inputs, prog.directory)
+    _run([str(exe.resolve())], cwd=prog.directory)
+    return _read_outputs(prog.directory, inputs.shape[0], prog.output_size)
 
 
 @dataclass(frozen=True)
@@ -102,17 +141,18 @@ class BoardRun:
     instructions_per_tick: float
 
 
-def run_board(export: ExportResult, elf: Path, inputs: torch.Tensor) -> BoardRun:
+def run_board(export: ExportResult | Program, elf: Path, inputs: torch.Tensor) -> BoardRun:
     """Run the board build under ``qemu-system-arm -M mps2-an386`` with semihosting."""
-    _write_inputs(inputs, export.directory)
-    stdout = _run([require("qemu-system-arm"), *QEMU_BOARD, "-kernel", str(elf.resolve())], cwd=export.directory)
+    prog = program(export)
+    _write_inputs(inputs, prog.directory)
+    stdout = _run([require("qemu-system-arm"), *QEMU_BOARD, "-kernel", str(elf.resolve())], cwd=prog.directory)
     fields = dict(re.findall(r"(\w+)=(\d+)", stdout))
     if "ticks_total" not in fields:
         raise RuntimeError(f"board run printed no tick counts:\n{stdout}")
     per_tick = int(fields["calibration_instructions"]) / int(fields["calibration_ticks"])
     n = inputs.shape[0]
     return BoardRun(
-        _read_outputs(export.directory, n, export.plan.generated.output_size),
+        _read_outputs(prog.directory, n, prog.output_size),
         int(fields["ticks_total"]) * per_tick / n, int(fields["ticks_min"]), int(fields["ticks_max"]), per_tick,
     )
 
@@ -136,21 +176,23 @@ class Footprint:
         return self.data + self.bss
 
 
-def footprint(export: ExportResult) -> Footprint:
+def footprint(export: ExportResult | Program) -> Footprint:
     """``arm-none-eabi-size -A`` of the model linked alone (``ld -r --gc-sections`` from its entry point).
 
     Only what ``<prefix>_run`` reaches is kept, so runtime kernels the model does not call are
     not counted; the activation arena is in ``.bss``.
     """
-    d, objects = export.directory, []
-    for src in export.c_sources():
+    prog = program(export)
+    d = prog.directory
+    cross = [require("arm-none-eabi-gcc"), *CORTEX_M4, "-ffunction-sections", "-fdata-sections"]
+    objects = _objects(prog, cross, ".m4.o")
+    for src in prog.sources:
         obj = d / (src.stem + ".m4.o")
-        _run([require("arm-none-eabi-gcc"), *CORTEX_M4, *STRICT_C99, "-ffunction-sections", "-fdata-sections",
-              "-c", str(src), "-o", str(obj)])
+        _run([*cross, *STRICT_C99, *prog.flags, "-c", str(src), "-o", str(obj)])
         objects.append(str(obj))
-    linked = d / f"{export.plan.prefix}.linked.o"
-    _run([require("arm-none-eabi-ld"), "-r", "--gc-sections", "-u", f"{export.plan.prefix}_run",
-          "-e", f"{export.plan.prefix}_run", *objects, "-o", str(linked)])
+    linked = d / f"{prog.prefix}.linked.o"
+    _run([require("arm-none-eabi-ld"), "-r", "--gc-sections", "-u", f"{prog.prefix}_run",
+          "-e", f"{prog.prefix}_run", *objects, "-o", str(linked)])
     sizes = {"text": 0, "rodata": 0, "data": 0, "bss": 0}
     for line in _run([require("arm-none-eabi-size"), "-A", str(linked)]).splitlines():
         parts = line.split()
