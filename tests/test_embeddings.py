@@ -124,6 +124,20 @@ def test_tied_head_matches_linear_on_dequantized_embedding(fmt: str, m: int) -> 
     torch.testing.assert_close(bias.grad, grad.sum((0, 1)))
 
 
+def test_int8_kernel_with_unaligned_operands() -> None:
+    """Codes mapped from a file and activation views may start anywhere; torch's kernel needs 16 bytes."""
+    torch.manual_seed(0)
+    emb = CompressedEmbedding(128, 64, "int8").compress_(torch.randn(128, 64))
+    storage = torch.empty(emb.weight.numel() + 8, dtype=torch.int8)
+    emb.weight = storage[8:].copy_(emb.weight)
+    hidden = torch.randn(8 * 64 + 3, dtype=torch.bfloat16)[3:].view(8, 64)  # bf16 model: no converting copy
+    assert emb.weight.data_ptr() % 16 and hidden.data_ptr() % 16
+    with torch.no_grad():
+        y = TiedCompressedLinear(emb)(hidden)
+    ref = F.linear(hidden.float(), emb.dequantized())
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
 def test_int4_kernel_operands_built_in_blocks() -> None:
     """4144 rows: the kernel copy is converted 4096 rows at a time; it must equal the plain layout."""
     torch.manual_seed(0)
