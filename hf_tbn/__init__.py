@@ -1,38 +1,51 @@
 """hf-tbn: Tiled Bit Networks (sub-bit weights) for Hugging Face Transformers.
 
-``import hf_tbn`` registers the ``"tbn"`` quantization method with transformers.
+``import hf_tbn`` registers the ``"tbn"`` quantization method with transformers (as soon as
+transformers loads its quantizers) and TBN's LoRA layers with peft (as soon as peft is
+imported). Every public name (docs/foundation.md lists them) is imported on first use, so
+the import stays light.
 """
 
+from __future__ import annotations
+
+import importlib
+
 from .config import TBNConfig
-from .convert import convert_model, pack_model, plan_conversion, tbn_layers, to_latent_model
-from .layers import TBNConv1d, TBNConv2d, TBNLayer, TBNLinear
-from .peft_hook import register_with_peft_on_import
-from .quantizer import TBNHfQuantizer, quantize_model, register
+from .import_hooks import after_import
 
-register()
-register_with_peft_on_import()
 
-__all__ = [
-    "TBNConfig",
-    "TBNHfQuantizer",
-    "TBNConv1d",
-    "TBNConv2d",
-    "TBNLayer",
-    "TBNLinear",
-    "TBNLoraLinear",
-    "convert_model",
-    "pack_model",
-    "plan_conversion",
-    "quantize_model",
-    "tbn_layers",
-    "to_latent_model",
-]
+def _register_quantizer() -> None:
+    from .quantizer import register
+
+    register()
+
+
+def _register_lora() -> None:
+    from .lora import register_with_peft
+
+    register_with_peft()
+
+
+after_import("transformers.quantizers.auto", _register_quantizer)
+after_import("peft", _register_lora)
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "TBNConv1d": "layers", "TBNConv2d": "layers", "TBNLayer": "layers", "TBNLinear": "layers",
+    "convert_model": "convert", "pack_model": "convert", "plan_conversion": "convert", "set_backend": "convert",
+    "tbn_layers": "convert", "to_latent_model": "convert",
+    "TBNHfQuantizer": "quantizer", "quantize_model": "quantizer",
+    "TBNLoraLinear": "lora",  # needs peft
+}
+
+__all__ = ["TBNConfig", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> object:
-    # The LoRA layer needs peft, imported only on first use (see hf_tbn.peft_hook).
-    if name == "TBNLoraLinear":
-        from .lora import TBNLoraLinear
+    if name == "__version__":
+        from .version import version
 
-        return TBNLoraLinear
+        return version()
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'hf_tbn' has no attribute {name!r}")

@@ -1,10 +1,21 @@
-"""Checks a checkpoint against the TBN layers it must fill, before any weight is loaded.
+"""The TBN checkpoint format, and its check against the layers it must fill before any weight loads.
+
+Format (``hf_tbn_format`` "2" in the safetensors metadata; docs/huggingface.md). Per converted
+layer ``X``, besides ``X.bias``:
+
+- packed: ``X.weight`` holds the tile bits (uint8, ``(ceil(N/p/8),)``) and ``X.alpha`` the ``p`` alphas;
+- latent: ``X.weight`` holds the latent weight as its tiled view ``(p, out/p, in, ...)``, plus
+  ``X.alpha_weight`` (same shape) or ``X.alpha`` (``(p,)``) for ``alpha_param`` "tensor" / "scalars".
+
+Both ``X.weight`` shapes have a different number of dimensions than any dense Linear / Conv
+weight, so transformers without hf_tbn refuses the checkpoint (a size mismatch is an error)
+instead of loading random or un-tiled weights.
 
 transformers' loader reports a wrong shape as a "mismatched key" and fills a missing one with a
 fresh initialisation; for a TBN layer either would give a silently wrong model. Reading only the
-checkpoint headers, :func:`checkpoint_forms` finds each layer's form (``tile``/``alpha`` keys:
-packed, ``weight``: latent) and refuses any tensor whose shape or dtype disagrees with the layer,
-and any unreadable (e.g. truncated) file, so a bad checkpoint never yields a half-loaded model.
+checkpoint headers (and the few alphas), :func:`checkpoint_forms` finds each layer's form and
+refuses any tensor whose shape or dtype disagrees with the layer, a missing bias, non-finite
+alphas, TBN tensors of a layer the config does not list, and any unreadable (e.g. truncated) file.
 """
 
 from __future__ import annotations
@@ -17,14 +28,27 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .convert import logical_weight
+from .config import TBNConfig
+from .convert import logical_weight, relative_name, tbn_layers
 from .tiling import packed_nbytes
+
+FORMAT_VERSION = "2"
+FLOATS = ("F32", "F16", "BF16", "F64")
 
 # key -> (shape, dtype name as safetensors writes it, e.g. "F32", "U8")
 Header = dict[str, tuple[tuple[int, ...], str]]
 
 _TORCH_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.uint8: "U8", torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` in the checkpoint format: each packed layer's ``tile`` saved as ``weight``."""
+    state = model.state_dict()
+    for name, layer in tbn_layers(model):
+        if layer.form == "packed":
+            state[f"{name}.weight"] = state.pop(f"{name}.tile")
+    return state
 
 
 def read_header(files: Sequence[str | Path]) -> Header:
@@ -47,72 +71,139 @@ def read_header(files: Sequence[str | Path]) -> Header:
     return header
 
 
+def read_tensors(files: Sequence[str | Path], keys: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` (small ones: the alphas) from whichever of ``files`` holds them."""
+    found: dict[str, torch.Tensor] = {}
+    for file in files:
+        if str(file).endswith(".safetensors"):
+            with safe_open(str(file), "pt") as f:
+                found.update({k: f.get_tensor(k) for k in keys & set(f.keys())})
+        else:
+            state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+            found.update({k: state[k] for k in keys & set(state)})
+    return found
+
+
 def checkpoint_forms(
     model: nn.Module,
     plan: dict[str, int],
     files: Sequence[str | Path] | None,
+    config: TBNConfig,
+    conv1d: set[str],
     pre_quantized: bool,
-    transposed: set[str],
 ) -> dict[str, str | None]:
-    """Each planned layer's form in the checkpoint (``"latent"`` or ``"packed"``), validated.
+    """Each planned layer's form in the checkpoint (a TBN checkpoint holds every layer in ``config.form``), validated.
 
-    ``model`` still holds the dense modules (on any device, meta included); ``transposed``
-    names the weight keys stored ``(in, out)`` (GPT-2 ``Conv1D`` in a full-precision checkpoint).
-    In a full-precision checkpoint a layer may be absent (a new head, initialised by
-    transformers): its form is ``None`` and it stays dense. A TBN checkpoint must hold every
-    layer. Without checkpoint files (a model converted in memory) every layer is latent.
+    ``model`` still holds the dense modules (on any device, meta included); ``conv1d`` names the
+    layers that are GPT-2 ``Conv1D`` (stored ``(in, out)`` in a full-precision checkpoint). In a
+    full-precision checkpoint a layer may be absent (a new head, initialised by transformers):
+    its form is ``None`` and it stays dense. Without checkpoint files (a model converted in
+    memory) every layer is latent.
     """
     if not files:
         return dict.fromkeys(plan, "latent")
-    header = read_header(files)
-    prefix = getattr(model, "base_model_prefix", "")
+    header = model_keyed(model, read_header(files))
+    _refuse_unlisted_layers(model, plan, header)
     forms: dict[str, str | None] = {}
+    alpha_keys: set[str] = set()
     for name, p in plan.items():
-        shape = tuple(logical_weight(model.get_submodule(name)).shape)
-        find = _finder(header, prefix)
-        tile_key, alpha_key, weight_key = find(f"{name}.tile"), find(f"{name}.alpha"), find(f"{name}.weight")
-        if tile_key or alpha_key:
-            if not pre_quantized:
-                raise ValueError(f"{name}: checkpoint holds packed tensors but has no TBN quantization_config")
-            if weight_key:
-                raise ValueError(f"{name}: checkpoint holds both a latent weight and packed tensors")
-            nbytes = packed_nbytes(math.prod(shape) // p)
-            _check(name, shape, p, header, tile_key, f"{name}.tile", (nbytes,), ("U8",))
-            _check(name, shape, p, header, alpha_key, f"{name}.alpha", (p,), ("F32", "F16", "BF16", "F64"))
-            forms[name] = "packed"
-        elif weight_key is None and not pre_quantized:
-            forms[name] = None
-        else:
-            stored = shape[::-1] if f"{name}.weight" in transposed else shape
-            _check(name, shape, p, header, weight_key, f"{name}.weight", stored, ("F32", "F16", "BF16", "F64"))
+        module = model.get_submodule(name)
+        shape = tuple(logical_weight(module).shape)
+        latent_shape = (p, shape[0] // p, *shape[1:])
+        check = _Checker(name, shape, p, header)
+        if not pre_quantized:
+            if f"{name}.alpha" in header or f"{name}.alpha_weight" in header:
+                raise ValueError(f"{name}: checkpoint holds TBN tensors but config.json has no TBN quantization_config")
+            if f"{name}.weight" not in header:
+                forms[name] = None
+                continue
+            check("weight", shape[::-1] if name in conv1d else shape, FLOATS)
             forms[name] = "latent"
+            continue
+        if config.form == "packed":
+            check("weight", (packed_nbytes(math.prod(shape) // p),), ("U8",), "the packed tile")
+            check("alpha", (p,), FLOATS)
+            alpha_keys.add(f"{name}.alpha")
+        else:
+            check("weight", latent_shape, FLOATS, "the latent weight, (p, out/p, ...)")
+            if config.alpha_param == "tensor":
+                check("alpha_weight", latent_shape, FLOATS)
+            elif config.alpha_param == "scalars":
+                check("alpha", (p,), FLOATS)
+                alpha_keys.add(f"{name}.alpha")
+        if getattr(module, "bias", None) is not None:
+            check("bias", (shape[0],), FLOATS)
+        forms[name] = config.form
+    for key, alpha in read_tensors(files, {header.source(k) for k in alpha_keys}).items():
+        if not torch.isfinite(alpha).all():
+            raise ValueError(f"checkpoint {key!r}: alphas must be finite, got {alpha.tolist()[:8]}")
     return forms
 
 
-def _finder(header: Header, prefix: str):  # noqa: ANN202
-    """Checkpoint key of a model key, allowing for the base-model prefix being added or dropped."""
+def _refuse_unlisted_layers(model: nn.Module, plan: dict[str, int], header: ModelKeyedHeader) -> None:
+    """A convertible layer not in the plan must not have TBN tensors in the checkpoint (it would load as dense)."""
+    for name, module in model.named_modules():
+        if not name or name in plan or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        stray = [key for key in (f"{name}.alpha", f"{name}.alpha_weight") if key in header]
+        if stray:
+            raise ValueError(
+                f"checkpoint {header.source(stray[0])!r}: TBN tensors for {relative_name(model, name)!r}, which "
+                "config.json's quantization_config.converted_layers does not list"
+            )
 
-    def find(key: str) -> str | None:
-        candidates = [key, f"{prefix}.{key}"] + ([key.removeprefix(prefix + ".")] if prefix else [])
-        return next((k for k in candidates if k in header), None)
 
-    return find
+class ModelKeyedHeader(dict):
+    """A :data:`Header` keyed by the model's own names; :meth:`source` gives a key's name in the checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: dict[str, str] = {}
+
+    def source(self, key: str) -> str:
+        return self.sources.get(key, key)
 
 
-def _check(
-    layer: str,
-    weight_shape: tuple[int, ...],
-    p: int,
-    header: Header,
-    key: str | None,
-    wanted_key: str,
-    shape: tuple[int, ...],
-    dtypes: tuple[str, ...],
-) -> None:
-    needs = f"{tuple(shape)} {'/'.join(dtypes)}"
-    where = f"{layer} (weight {weight_shape}, p={p})"
-    if key is None:
-        raise ValueError(f"{where}: checkpoint has no {wanted_key!r}; the layer needs {needs}")
-    got_shape, got_dtype = header[key]
-    if tuple(got_shape) != tuple(shape) or got_dtype not in dtypes:
-        raise ValueError(f"{where}: checkpoint {key!r} has {tuple(got_shape)} {got_dtype}, the layer needs {needs}")
+def model_keyed(model: nn.Module, header: Header) -> ModelKeyedHeader:
+    """``header`` renamed as transformers renames checkpoint keys on load (the model's conversion mapping and the
+    base-model prefix), so a TBN layer finds its tensors under its own module name.
+
+    Tensors that a conversion merges or splits (never a TBN layer's) are left out.
+    """
+    from transformers import PreTrainedModel
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model) if isinstance(model, PreTrainedModel) else []
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta = dict.fromkeys(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", None)
+    keyed = ModelKeyedHeader()
+    for key, value in header.items():
+        module, _, tensor = key.rpartition(".")
+        # Rename through the module's weight key: the mapping knows the dense modules, not TBN's tensor names.
+        renamed, converted = rename_source_key(f"{module}.weight", renamings, converters, prefix, meta)
+        if converted is None:
+            name = f"{renamed.rpartition('.')[0]}.{tensor}"
+            keyed[name], keyed.sources[name] = value, key
+    return keyed
+
+
+class _Checker:
+    """Refuses a missing tensor of one layer, or one whose shape or dtype the layer cannot take."""
+
+    def __init__(self, layer: str, weight_shape: tuple[int, ...], p: int, header: ModelKeyedHeader) -> None:
+        self.where = f"{layer} (weight {weight_shape}, p={p})"
+        self.layer, self.header = layer, header
+
+    def __call__(self, tensor: str, shape: tuple[int, ...], dtypes: tuple[str, ...], what: str = "") -> None:
+        needs = f"{tuple(shape)} {'/'.join(dtypes)}" + (f" ({what})" if what else "")
+        key = f"{self.layer}.{tensor}"
+        if key not in self.header:
+            raise ValueError(f"{self.where}: checkpoint has no {key!r}; the layer needs {needs}")
+        got_shape, got_dtype = self.header[key]
+        if tuple(got_shape) != tuple(shape) or got_dtype not in dtypes:
+            source = self.header.source(key)
+            raise ValueError(f"{self.where}: checkpoint {source!r} has {tuple(got_shape)} {got_dtype}, "
+                             f"the layer needs {needs}")

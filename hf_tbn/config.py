@@ -6,11 +6,11 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .layers import FORMS
+from .kernels.backends import BACKEND_NAMES
+from .layers import ALPHA_PARAMS, FORMS
 from .tiling import ALPHA_MODES
 
 QUANT_METHOD = "tbn"
-BACKENDS: tuple[str, ...] = ("auto", "torch", "native", "triton")
 
 
 class TBNConfig(QuantizationConfigMixin):
@@ -22,12 +22,18 @@ class TBNConfig(QuantizationConfigMixin):
         layer_compression_factors: module-name pattern -> p, overriding the rule above. A
             pattern matches a module whose dotted name equals it, ends with ``"." + pattern``,
             or ``re.fullmatch``-es it. Every pattern must match at least one layer.
-        modules_to_not_convert: module-name patterns (same matching) kept full precision.
-        alpha_mode: ``"per_tile"`` (one scale per copy, the paper's default) or ``"per_layer"``.
-        form: ``"latent"`` (trainable latent weights) or ``"packed"`` (tile bits + scales).
+        modules_to_not_convert: module-name patterns (same matching) kept full precision; each
+            must match at least one layer.
+        alpha_mode: ``"per_tile"`` (one alpha per copy, the paper's default) or ``"per_layer"``.
+        alpha_param: where the latent form's alphas come from: ``"latent"`` (mean |W_i| of the
+            latent weight), ``"tensor"`` (mean |A_i| of a separate trainable tensor, the authors'
+            default) or ``"scalars"`` (p trainable alphas). Packed checkpoints are the same for all.
+        form: ``"latent"`` (trainable latent weights) or ``"packed"`` (tile bits + alphas).
         backend: packed-forward compute: ``"auto"`` (Triton on CUDA, the compiled CPU kernel on
-            CPU), ``"torch"``, ``"native"`` (the compiled CPU kernel) or ``"triton"``.
-        layer_factors: the resolved p of every converted layer, filled in by the conversion and
+            CPU), ``"torch"``, ``"native"`` (the compiled CPU kernel) or ``"triton"``. A runtime
+            preference: applied at conversion, never saved (change it with ``hf_tbn.set_backend``).
+        converted_layers: the resolved p of every converted layer, named relative to the base
+            model (as transformers' ``base_model_prefix`` does), filled in by the conversion and
             saved in config.json so that a reload rebuilds exactly the same layers.
     """
 
@@ -38,23 +44,31 @@ class TBNConfig(QuantizationConfigMixin):
         layer_compression_factors: dict[str, int] | None = None,
         modules_to_not_convert: list[str] | None = None,
         alpha_mode: str = "per_tile",
+        alpha_param: str = "latent",
         form: str = "latent",
         backend: str = "auto",
-        layer_factors: dict[str, int] | None = None,
+        converted_layers: dict[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
+        self.hf_tbn_version = kwargs.pop("hf_tbn_version", None)  # which hf_tbn wrote a saved config
         if kwargs:
             raise ValueError(f"TBNConfig got unknown keys {sorted(kwargs)}")
         self.quant_method = QUANT_METHOD
         self.compression_factor = compression_factor
         self.min_compress_size = min_compress_size
-        self.layer_compression_factors = dict(layer_compression_factors or {})
+        self.layer_compression_factors = _mapping("layer_compression_factors", layer_compression_factors)
+        if isinstance(modules_to_not_convert, str):
+            raise ValueError(
+                f"modules_to_not_convert must be a list of module-name patterns, got the string {modules_to_not_convert!r}"
+                f" (write [{modules_to_not_convert!r}])"
+            )
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.alpha_mode = alpha_mode
+        self.alpha_param = alpha_param
         self.form = form
         self.backend = backend
-        self.layer_factors = dict(layer_factors) if layer_factors else None
+        self.converted_layers = _mapping("converted_layers", converted_layers) or None
         self.post_init()
 
     def post_init(self) -> None:
@@ -65,30 +79,45 @@ class TBNConfig(QuantizationConfigMixin):
             raise ValueError(f"min_compress_size must be a non-negative int, got {self.min_compress_size!r}")
         for pattern, p in self.layer_compression_factors.items():
             _check_positive_int(f"layer_compression_factors[{pattern!r}]", p)
-        for name, p in (self.layer_factors or {}).items():
-            _check_positive_int(f"layer_factors[{name!r}]", p)
+        for name, p in (self.converted_layers or {}).items():
+            _check_positive_int(f"converted_layers[{name!r}]", p)
         if self.modules_to_not_convert is not None and not all(isinstance(m, str) for m in self.modules_to_not_convert):
             raise ValueError(f"modules_to_not_convert must be a list of strings, got {self.modules_to_not_convert!r}")
         for field, value, allowed in (
             ("alpha_mode", self.alpha_mode, ALPHA_MODES),
+            ("alpha_param", self.alpha_param, ALPHA_PARAMS),
             ("form", self.form, FORMS),
-            ("backend", self.backend, BACKENDS),
+            ("backend", self.backend, BACKEND_NAMES),
         ):
             if value not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+        if self.alpha_param == "scalars" and self.alpha_mode == "per_layer":
+            raise ValueError("alpha_param='scalars' learns one alpha per copy; it needs alpha_mode='per_tile'")
 
     def to_dict(self) -> dict[str, Any]:
+        """What config.json records: everything but the runtime ``backend``, plus the writing hf_tbn version."""
+        from .version import version
+
         return {
             "quant_method": self.quant_method,
+            "hf_tbn_version": version(),
             "compression_factor": self.compression_factor,
             "min_compress_size": self.min_compress_size,
             "layer_compression_factors": dict(self.layer_compression_factors),
             "modules_to_not_convert": self.modules_to_not_convert,
             "alpha_mode": self.alpha_mode,
+            "alpha_param": self.alpha_param,
             "form": self.form,
-            "backend": self.backend,
-            "layer_factors": self.layer_factors,
+            "converted_layers": self.converted_layers,
         }
+
+
+def _mapping(field: str, value: object) -> dict[str, int]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{field} must be a dict of module name -> compression factor, got {type(value).__name__} {value!r}")
+    return dict(value)
 
 
 def _check_positive_int(field: str, value: object) -> None:

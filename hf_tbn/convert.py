@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import tiling
 from .config import TBNConfig
-from .layers import FORMS, TBNConv1d, TBNConv2d, TBNLayer, TBNLinear, check_factor, check_weight
+from .layers import FORMS, AlphaParam, TBNConv1d, TBNConv2d, TBNLayer, TBNLinear, check_factor, check_weight
 
 CONVERTIBLE = (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d)
 
@@ -21,14 +22,32 @@ def name_matches(name: str, pattern: str) -> bool:
     """Module-name matching used by every pattern option of :class:`TBNConfig`.
 
     ``pattern`` matches ``name`` when equal, when ``name`` ends with ``"." + pattern``, or
-    when the regular expression ``pattern`` fully matches ``name``.
+    when the regular expression ``pattern`` fully matches ``name``. An invalid regular
+    expression that is not a plain name is a ValueError naming it.
     """
     if name == pattern or name.endswith("." + pattern):
         return True
     try:
         return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
+    except re.error as err:
+        raise ValueError(f"module-name pattern {pattern!r} is not a valid regular expression: {err}") from None
+
+
+def relative_name(model: nn.Module, name: str) -> str:
+    """``name`` relative to the base model (``bert.encoder...`` -> ``encoder...``), as transformers keys its weights."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        return name.removeprefix(prefix + ".")
+    return name
+
+
+def absolute_name(model: nn.Module, name: str) -> str | None:
+    """The module of ``model`` a base-relative ``name`` denotes, or None when ``model`` has no such module."""
+    prefix = getattr(model, "base_model_prefix", "")
+    names = dict(model.named_modules())
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module) and f"{prefix}.{name}" in names:
+        return f"{prefix}.{name}"
+    return name if name in names else None
 
 
 def logical_weight(module: nn.Module) -> torch.Tensor:
@@ -40,47 +59,83 @@ def _groups(module: nn.Module) -> int:
     return getattr(module, "groups", 1)
 
 
-def plan_conversion(module: nn.Module, config: TBNConfig) -> dict[str, int]:
-    """Names of the layers to convert and each one's own factor p'.
+def output_layer(module: nn.Module, candidates: dict[str, nn.Module]) -> str | None:
+    """Name of the layer producing the model's outputs: transformers' output embeddings, else the last convertible."""
+    get_output = getattr(module, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    for name, m in candidates.items():
+        if m is head:
+            return name
+    return next(reversed(candidates), None) if head is None else None
 
-    With ``config.layer_factors`` set (a saved, resolved plan) that plan is used exactly;
-    otherwise the rule of :func:`hf_tbn.tiling.resolve_factor` with the config's overrides.
+
+def plan_conversion(module: nn.Module, config: TBNConfig, keep_dense: Collection[str] = ()) -> dict[str, int]:
+    """Names (in ``module``) of the layers to convert and each one's own factor p'.
+
+    With ``config.converted_layers`` set (a saved, resolved plan, named relative to the base
+    model) that plan is used exactly; layers of a task head this model class lacks are skipped.
+    Otherwise the rule of :func:`hf_tbn.tiling.resolve_factor` with the config's overrides; the
+    output layer gets p = 1 (tiling it makes the logits scaled copies of one another), and an
+    explicit p > 1 for it is warned about. ``keep_dense`` names further modules kept full precision
+    (found by the caller, e.g. tied weights); unlike the config's patterns they need not match.
     """
     candidates = {name: m for name, m in module.named_modules() if name and isinstance(m, CONVERTIBLE)}
-    if config.layer_factors is not None:
-        for name, p in config.layer_factors.items():
-            if name not in candidates:
-                raise ValueError(f"layer_factors names {name!r}: not a Linear/Conv1D/Conv1d/Conv2d of this model")
-            check_factor(p, logical_weight(candidates[name]).shape[0], name, _groups(candidates[name]))
-        return dict(config.layer_factors)
-
-    unused = set(config.layer_compression_factors)
+    if config.converted_layers is not None:
+        return _saved_plan(module, config.converted_layers, candidates)
+    unused = {("modules_to_not_convert", pat) for pat in config.modules_to_not_convert or ()}
+    unused |= {("layer_compression_factors", pat) for pat in config.layer_compression_factors}
+    head = output_layer(module, candidates)
     plan: dict[str, int] = {}
     for name, m in candidates.items():
-        if any(name_matches(name, pat) for pat in config.modules_to_not_convert or ()):
-            continue
+        skipped = [pat for pat in config.modules_to_not_convert or () if name_matches(name, pat)]
+        unused -= {("modules_to_not_convert", pat) for pat in skipped}
         overrides = {pat: p for pat, p in config.layer_compression_factors.items() if name_matches(name, pat)}
-        unused -= set(overrides)
+        unused -= {("layer_compression_factors", pat) for pat in overrides}
+        if skipped or any(name_matches(name, key) for key in keep_dense):
+            continue
         out, numel = logical_weight(m).shape[0], m.weight.numel()
         if len(set(overrides.values())) > 1:
             raise ValueError(f"{name}: layer_compression_factors patterns {sorted(overrides)} give different factors")
         if overrides:
             plan[name] = check_factor(next(iter(overrides.values())), out, name, _groups(m))
+            if name == head and plan[name] > 1:
+                warnings.warn(
+                    f"{name}: the output layer tiled with p={plan[name]} makes its outputs {plan[name]} scaled copies "
+                    "of one another (accuracy usually drops); p=1 or modules_to_not_convert keeps them independent",
+                    stacklevel=2,
+                )
+        elif name == head:
+            plan[name] = 1
         else:
-            p = tiling.resolve_factor(out, numel, config.compression_factor, config.min_compress_size, _groups(m))
-            plan[name] = p
+            plan[name] = tiling.resolve_factor(out, numel, config.compression_factor, config.min_compress_size, _groups(m))
     if unused:
-        raise ValueError(f"layer_compression_factors patterns {sorted(unused)} match no convertible layer")
+        field, pat = min(unused)
+        raise ValueError(f"{field} pattern {pat!r} matches no convertible layer (Linear, Conv1D, Conv1d, Conv2d)")
     return plan
 
 
-def tbn_from_dense(module: nn.Module, p: int, alpha_mode: tiling.AlphaMode, name: str) -> TBNLayer:
-    """A latent TBN layer initialised from a dense Linear / Conv1D / Conv1d / Conv2d."""
+def _saved_plan(module: nn.Module, saved: dict[str, int], candidates: dict[str, nn.Module]) -> dict[str, int]:
+    base_only = getattr(module, "base_model", module) is module and bool(getattr(module, "base_model_prefix", ""))
+    plan: dict[str, int] = {}
+    for rel, p in saved.items():
+        name = absolute_name(module, rel)
+        if name is None and base_only:
+            continue  # a layer of the task head this base model does not have (transformers skips its keys too)
+        if name not in candidates:
+            raise ValueError(f"converted_layers names {rel!r}: not a Linear/Conv1D/Conv1d/Conv2d of this model")
+        plan[name] = check_factor(p, logical_weight(candidates[name]).shape[0], name, _groups(candidates[name]))
+    return plan
+
+
+def tbn_from_dense(
+    module: nn.Module, p: int, alpha_mode: tiling.AlphaMode, name: str, alpha_param: AlphaParam = "latent"
+) -> TBNLayer:
+    """A latent TBN layer initialised from a dense Linear / Conv1D / Conv1d / Conv2d (alphas from its weight)."""
     weight = logical_weight(module)
     check_weight(weight, name)
     kwargs = {
         "bias": module.bias is not None, "compression_factor": p, "alpha_mode": alpha_mode,
-        "device": weight.device, "dtype": weight.dtype, "name": name,
+        "device": weight.device, "dtype": weight.dtype, "name": name, "alpha_param": alpha_param,
     }
     if isinstance(module, (nn.Linear, Conv1D)):
         layer: TBNLayer = TBNLinear(weight.shape[1], weight.shape[0], **kwargs)
@@ -94,10 +149,12 @@ def tbn_from_dense(module: nn.Module, p: int, alpha_mode: tiling.AlphaMode, name
         )
     if weight.device.type != "meta":
         with torch.no_grad():
-            layer.weight.copy_(weight)
+            layer._set_latent_state(weight.detach().reshape(layer.latent_shape).clone())
             if module.bias is not None:
                 layer.bias.copy_(module.bias)
-    layer.weight.requires_grad_(module.weight.requires_grad)
+    for param in (layer.weight, getattr(layer, "alpha_weight", None)):
+        if param is not None:
+            param.requires_grad_(module.weight.requires_grad)
     return layer
 
 
@@ -105,7 +162,7 @@ def convert_model(module: nn.Module, config: TBNConfig | None = None) -> nn.Modu
     """Swap every eligible layer of ``module`` for a latent TBN layer, in place.
 
     Works on any torch module. The resolved per-layer factors are written to
-    ``config.layer_factors`` (and are what :func:`tbn_layers` reports afterwards).
+    ``config.converted_layers`` (named relative to the base model; what :func:`tbn_layers` reports).
     Layers whose weight is shared with another module (tied weights) are refused: converting
     one would silently untie them; list them in ``modules_to_not_convert``.
     """
@@ -116,10 +173,10 @@ def convert_model(module: nn.Module, config: TBNConfig | None = None) -> nn.Modu
         if id(module.get_submodule(name).weight) in shared:
             raise ValueError(f"{name}: weight is shared with another module (tied); add it to modules_to_not_convert")
     for name, p in plan.items():
-        layer = tbn_from_dense(module.get_submodule(name), p, config.alpha_mode, name)
+        layer = tbn_from_dense(module.get_submodule(name), p, config.alpha_mode, name, config.alpha_param)
         layer.backend = config.backend
         module.set_submodule(name, layer)
-    config.layer_factors = plan
+    config.converted_layers = {relative_name(module, name): p for name, p in plan.items()}
     return module
 
 
@@ -133,6 +190,20 @@ def tbn_layers(model: nn.Module) -> Iterator[tuple[str, TBNLayer]]:
     for name, m in model.named_modules():
         if isinstance(m, TBNLayer):
             yield name, m
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Choose the packed-forward compute path of every TBN layer (a runtime preference, never saved)."""
+    from .kernels.backends import BACKEND_NAMES
+
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    for _, layer in tbn_layers(model):
+        layer.backend = backend
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(config, TBNConfig):
+        config.backend = backend
+    return model
 
 
 def pack_model(model: nn.Module) -> nn.Module:

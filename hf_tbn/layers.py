@@ -1,16 +1,18 @@
-"""TBN layers (Linear, Conv1d, Conv2d), each in the latent or the packed form.
+"""TBN layers (Linear, Conv1d, Conv2d), each in the latent or the packed form (docs/foundation.md).
 
-Latent form: a trainable full-precision ``weight`` in the logical ``(out, in, ...)`` shape;
-the tile and the scales are derived from it on every forward (quantization-aware training).
-Packed form: buffers ``tile`` (uint8 bits, :mod:`hf_tbn.tiling` bit order) and ``alpha``
-(``p`` scales) plus the ``bias``; the forward applies the ``out/p``-row tile once and writes
-``p`` scaled copies, never building the dense weight.
+Latent form: a trainable full-precision ``weight`` held as the tiled view ``(p, out/p, in, ...)``
+(copy ``i`` is the block of output rows ``[i * out/p, (i + 1) * out/p)``); the tile and the
+alphas are derived from it on every training forward (quantization-aware training). Where the
+alphas come from is ``alpha_param``: the latent weight itself, a separate trainable tensor of
+the same shape (the authors' default), or ``p`` trainable scalars.
+Packed form: buffers ``tile`` (uint8 bits, :mod:`hf_tbn.tiling` bit order) and ``alpha`` (``p``
+scales) plus the ``bias``; the forward applies the ``out/p``-row tile once and writes ``p``
+scaled copies (:mod:`hf_tbn.kernels.backends`), never building the dense weight.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -19,11 +21,13 @@ from torch import nn
 from torch.nn.modules.utils import _pair, _single
 
 from . import tiling
-from .kernels.dispatch import resolve_backend, tile_linear
-from .kernels.torch_path import packed_linear
+from .kernels import backends
+from .kernels.conv import ConvGeometry
 
 Form = Literal["latent", "packed"]
 FORMS: tuple[str, ...] = ("latent", "packed")
+AlphaParam = Literal["latent", "tensor", "scalars"]
+ALPHA_PARAMS: tuple[str, ...] = ("latent", "tensor", "scalars")
 
 
 def check_factor(p: object, out_features: int, name: str, groups: int = 1) -> int:
@@ -49,10 +53,7 @@ def check_weight(weight: torch.Tensor, name: str) -> None:
 
 
 class TBNLayer(nn.Module):
-    """Shared state and behaviour of the TBN layers; subclasses say how to apply a weight."""
-
-    # Whether backend "auto" may pick the compiled CPU kernel (hf_tbn.kernels.dispatch).
-    _auto_native = True
+    """Shared state and behaviour of the TBN layers; subclasses say how to apply a weight or a tile."""
 
     def __init__(
         self,
@@ -65,25 +66,32 @@ class TBNLayer(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         name: str | None = None,
+        alpha_param: AlphaParam = "latent",
     ) -> None:
         super().__init__()
         self.layer_name = name or type(self).__name__
-        if alpha_mode not in tiling.ALPHA_MODES:
-            raise ValueError(f"{self.layer_name}: alpha_mode must be one of {tiling.ALPHA_MODES}, got {alpha_mode!r}")
-        if form not in FORMS:
-            raise ValueError(f"{self.layer_name}: form must be one of {FORMS}, got {form!r}")
+        for field, value, allowed in (
+            ("alpha_mode", alpha_mode, tiling.ALPHA_MODES), ("form", form, FORMS), ("alpha_param", alpha_param, ALPHA_PARAMS)
+        ):
+            if value not in allowed:
+                raise ValueError(f"{self.layer_name}: {field} must be one of {allowed}, got {value!r}")
+        if alpha_param == "scalars" and alpha_mode == "per_layer":
+            raise ValueError(f"{self.layer_name}: alpha_param='scalars' learns one alpha per copy; use alpha_mode='per_tile'")
         self.weight_shape = torch.Size(weight_shape)
         self.compression_factor = check_factor(compression_factor, weight_shape[0], self.layer_name, groups)
         self.alpha_mode = alpha_mode
+        self.alpha_param = alpha_param
         self.backend = "auto"
+        self._w_hat_cache: tuple[tuple, torch.Tensor] | None = None
         factory = {"device": device, "dtype": dtype}
         self.bias = nn.Parameter(torch.zeros(weight_shape[0], **factory)) if bias else None
         self.form: Form = form
         if form == "latent":
-            self.weight = nn.Parameter(torch.empty(weight_shape, **factory))
+            self._set_latent_state(torch.empty(self.latent_shape, **factory))
             self.reset_parameters()
         else:
-            self._init_packed_state(torch.device(device) if device is not None else None, dtype)
+            nbytes = tiling.packed_nbytes(self.tile_length)
+            self._set_packed_state(torch.zeros(nbytes, dtype=torch.uint8, device=device), torch.ones(self.compression_factor, **factory))
 
     # -- shape facts -------------------------------------------------------------------
     @property
@@ -101,121 +109,195 @@ class TBNLayer(nn.Module):
         """The tile as a weight of ``out/p`` output rows."""
         return torch.Size((self.weight_shape[0] // self.compression_factor, *self.weight_shape[1:]))
 
+    @property
+    def latent_shape(self) -> torch.Size:
+        """Shape of the latent weight: the ``p`` copies of the tile's shape, ``(p, out/p, in, ...)``."""
+        return torch.Size((self.compression_factor, *self.tile_shape))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the layer's state (latent weight, or the packed alphas)."""
+        return (self.weight if self.form == "latent" else self.alpha).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the layer's state."""
+        return (self.weight if self.form == "latent" else self.tile).device
+
+    # -- state of each form ------------------------------------------------------------
+    def _set_latent_state(self, weight: torch.Tensor, alpha: torch.Tensor | None = None) -> None:
+        """``weight`` ``(p, out/p, ...)`` and the alpha source ``alpha_param`` asks for (initialised from ``weight``)."""
+        self.weight = nn.Parameter(weight)
+        if self.alpha_param == "tensor":
+            self.alpha_weight = nn.Parameter(weight.detach().clone())
+        elif self.alpha_param == "scalars":
+            start = alpha if alpha is not None else tiling.alpha(weight.detach(), self.compression_factor)
+            self.alpha = nn.Parameter(start.detach().clone().to(weight.dtype))
+
+    def _set_packed_state(self, tile: torch.Tensor, alpha: torch.Tensor) -> None:
+        self.register_buffer("tile", tile)
+        self.register_buffer("alpha", alpha)
+
+    def _state_keys(self) -> dict[str, tuple[torch.Size, torch.dtype | None]]:
+        """Every tensor (besides the bias) the current form holds: name -> (shape, dtype or None for any float)."""
+        if self.form == "packed":
+            tile_shape = torch.Size([tiling.packed_nbytes(self.tile_length)])
+            return {"tile": (tile_shape, torch.uint8), "alpha": (torch.Size([self.compression_factor]), None)}
+        keys = {"weight": (self.latent_shape, None)}
+        if self.alpha_param == "tensor":
+            keys["alpha_weight"] = (self.latent_shape, None)
+        elif self.alpha_param == "scalars":
+            keys["alpha"] = (torch.Size([self.compression_factor]), None)
+        return keys
+
     def reset_parameters(self) -> None:
-        """Same initialisation as torch's Linear / Conv layers."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.numel // self.weight_shape[0])
-            nn.init.uniform_(self.bias, -bound, bound)
+        """torch's Linear / Conv initialisation of the dense weight; a separate alpha tensor gets its own draw."""
+        bound = 1 / math.sqrt(self.numel // self.weight_shape[0])  # kaiming_uniform_(a=sqrt(5)) on the dense weight
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            if self.alpha_param == "tensor":
+                self.alpha_weight.uniform_(-bound, bound)
+            elif self.alpha_param == "scalars":
+                self.alpha.copy_(tiling.alpha(self.weight, self.compression_factor))
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
 
-    def _init_packed_state(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
-        nbytes = tiling.packed_nbytes(self.tile_length)
-        self.register_buffer("tile", torch.zeros(nbytes, dtype=torch.uint8, device=device))
-        self.register_buffer("alpha", torch.ones(self.compression_factor, dtype=dtype, device=device))
-
-    # -- the tile and the scales, in either form -----------------------------------------
+    # -- the tile and the alphas, in either form ---------------------------------------
     def tile_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tile ``t`` as +-1 values, shape ``(L,)``."""
         if self.form == "latent":
             return tiling.aggregate_sign(self.weight.detach(), self.compression_factor).to(dtype)
         return tiling.unpack_bits(self.tile, self.tile_length, dtype)
 
-    def scales(self) -> torch.Tensor:
-        """The ``p`` scales (detached)."""
-        if self.form == "latent":
-            return tiling.alphas(self.weight.detach(), self.compression_factor, self.alpha_mode)
+    def _alpha(self) -> torch.Tensor:
+        """The ``p`` alphas of the latent form, differentiable w.r.t. their source."""
+        p = self.compression_factor
+        if self.alpha_param == "latent":
+            return tiling.alpha(self.weight, p, self.alpha_mode)
+        if self.alpha_param == "tensor":
+            return tiling.alpha(self.alpha_weight, p, self.alpha_mode)
         return self.alpha
 
+    def alpha_values(self) -> torch.Tensor:
+        """The ``p`` alphas (detached), in either form."""
+        return self.alpha if self.form == "packed" else self._alpha().detach()
+
     def effective_weight(self) -> torch.Tensor:
-        """Dense ``W_hat`` in the logical orientation; differentiable in the latent form."""
+        """Dense ``W_hat`` in the logical ``(out, in, ...)`` orientation; differentiable in the latent form."""
         if self.form == "latent":
-            return tiling.effective_weight(self.weight, self.compression_factor, self.alpha_mode)
+            return tiling.tiled_weight(self.weight, self.compression_factor, self._alpha()).view(self.weight_shape)
         return tiling.dequantize(self.tile_values(self.alpha.dtype), self.alpha, self.weight_shape)
+
+    def _latent_w_hat(self) -> torch.Tensor:
+        """``W_hat`` for the latent forward, reused while no gradient is taken and its sources do not change."""
+        if torch.is_grad_enabled():
+            self._w_hat_cache = None
+            return self.effective_weight()
+        sources = (self.weight, *(t for t in (getattr(self, "alpha_weight", None), getattr(self, "alpha", None)) if t is not None))
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        if self._w_hat_cache is None or self._w_hat_cache[0] != key:
+            self._w_hat_cache = (key, self.effective_weight())
+        return self._w_hat_cache[1]
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "latent":
-            return self._apply_weight(x, self.effective_weight(), self.bias)
-        return self._packed_forward(x)
-
-    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tile applied once, ``p`` scaled copies, on the path ``self.backend`` selects (hf_tbn.kernels)."""
-        row_length = math.prod(self.weight_shape[1:])
-        backend = resolve_backend(self.backend, x, self.layer_name, row_length, self._auto_native)
-        return self._apply_tile(x, backend)
+            return self._apply_weight(x, self._latent_w_hat(), self.bias)
+        return self._apply_tile(x)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _apply_tile(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+    def _apply_tile(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     # -- conversions between the forms ---------------------------------------------------
     @torch.no_grad()
     def pack(self) -> TBNLayer:
-        """Latent -> packed, in place: exact (the bits and scales of the current weight)."""
+        """Latent -> packed, in place: exact (the bits and alphas of the current latent state)."""
         if self.form == "packed":
             return self
-        w = self.weight.detach()
-        tile = tiling.pack_bits(tiling.aggregate_sign(w, self.compression_factor))
-        alpha = tiling.alphas(w, self.compression_factor, self.alpha_mode).clone()
-        del self.weight
-        self.register_buffer("tile", tile)
-        self.register_buffer("alpha", alpha)
+        tile = tiling.pack_bits(tiling.aggregate_sign(self.weight.detach(), self.compression_factor))
+        alpha = self.alpha_values().clone()
+        for key in self._state_keys():
+            delattr(self, key)
+        self._w_hat_cache = None
         self.form = "packed"
+        self._set_packed_state(tile, alpha)
         return self
 
     @torch.no_grad()
     def to_latent(self) -> TBNLayer:
-        """Packed -> latent, in place: ``W = W_hat``, which reproduces the same tile and scales."""
+        """Packed -> latent, in place: ``W = W_hat``, which reproduces the same tile and alphas."""
         if self.form == "latent":
             return self
-        w = self.effective_weight().clone()
+        weight = self.effective_weight().clone().view(self.latent_shape)
+        alpha = self.alpha.clone()
         del self.tile, self.alpha
-        self.weight = nn.Parameter(w)
         self.form = "latent"
+        self._set_latent_state(weight, alpha)
         return self
 
     # -- storage -------------------------------------------------------------------------
     def storage_bytes(self) -> int:
-        """Bytes the packed form of this layer's weight takes (tile + scales, no bias)."""
-        scale_bytes = self.alpha.element_size() if self.form == "packed" else 4
-        return tiling.packed_nbytes(self.tile_length) + scale_bytes * self.compression_factor
+        """Bytes the packed form of this layer's weight takes (tile + alphas, no bias)."""
+        return tiling.packed_nbytes(self.tile_length) + self._alpha_bytes() * self.compression_factor
 
     def bits_per_weight(self) -> float:
-        """Storage of the packed weight in bits per dense weight (1/p + scale overhead)."""
-        return 8 * self.storage_bytes() / self.numel
+        """Storage of the packed weight in bits per dense weight (1/p + alpha overhead)."""
+        return tiling.bits_per_weight(self.numel, self.compression_factor, 8 * self._alpha_bytes())
+
+    def _alpha_bytes(self) -> int:
+        return self.alpha.element_size() if self.form == "packed" else 4
 
     # -- checkpoint checks ---------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        expected = {
-            "tile": (torch.Size([tiling.packed_nbytes(self.tile_length)]), torch.uint8),
-            "alpha": (torch.Size([self.compression_factor]), None),
-            "weight": (self.weight_shape, None),
-        }
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: ANN001, E501
+        """Refuse a state dict of the other form, a wrong shape or dtype, a missing tensor or non-finite alphas.
+
+        A state dict without any tensor of this layer (peft loading only adapter weights) is let through.
+        """
+        own = {key[len(prefix):] for key in state_dict if key.startswith(prefix) and "." not in key[len(prefix):]}
+        expected = self._state_keys()
+        where = f"layer {self.layer_name} ({self.form}, weight {tuple(self.weight_shape)}, p={self.compression_factor})"
+        if own:
+            other = own - set(expected) - {"bias"}
+            if other:
+                raise ValueError(f"{prefix}{sorted(other)[0]}: not a tensor of {where}; it holds {sorted(expected)}")
+            missing = sorted(set(expected) - own)
+            if missing:
+                raise ValueError(f"{prefix}{missing[0]}: missing from the state dict; {where} needs it")
         for key, (shape, dtype) in expected.items():
             tensor = state_dict.get(prefix + key)
-            if tensor is None or key not in self._parameters and key not in self._buffers:
+            if tensor is None:
                 continue
             if tensor.shape != shape or (dtype is not None and tensor.dtype != dtype):
                 raise ValueError(
-                    f"{prefix}{key}: checkpoint has {tuple(tensor.shape)} {tensor.dtype}, layer {self.layer_name} "
-                    f"(weight {tuple(self.weight_shape)}, p={self.compression_factor}) needs {tuple(shape)}"
+                    f"{prefix}{key}: checkpoint has {tuple(tensor.shape)} {tensor.dtype}, {where} needs {tuple(shape)}"
                     + (f" {dtype}" if dtype is not None else "")
                 )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            if key == "alpha" and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+                raise ValueError(f"{prefix}{key}: alphas must be finite, got {tensor.tolist()[:8]}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def __getattr__(self, name: str) -> torch.Tensor | nn.Module:
-        # Model code reads ``layer.weight.dtype`` (ViT) or re-inits ``weight`` (GPT-2): in the packed
-        # form ``weight`` is the dense W_hat, rebuilt on each access and never stored.
         if name == "weight" and self.__dict__.get("form") == "packed":
-            return self.effective_weight()
+            if self.__dict__.get("_hf_loading"):
+                # transformers initialises a freshly loaded model module by module, and some model classes
+                # (GPT-2) re-initialise a child's weight from the parent: give them a placeholder marked as loaded.
+                placeholder = torch.empty(self.weight_shape, dtype=self.dtype, device="meta")
+                placeholder._is_hf_initialized = True
+                return placeholder
+            raise AttributeError(
+                f"{self.__dict__.get('layer_name')}: a packed TBN layer has no dense 'weight': it stores the tile bits "
+                "('tile', uint8) and p alphas ('alpha'). Use effective_weight() for the dense W_hat, .dtype / .device "
+                "for its dtype and device, or hf_tbn.to_latent_model(model) to train"
+            )
         return super().__getattr__(name)
 
     def extra_repr(self) -> str:
         return (
-            f"weight_shape={tuple(self.weight_shape)}, p={self.compression_factor}, "
-            f"alpha_mode={self.alpha_mode}, form={self.form}, bias={self.bias is not None}"
+            f"weight_shape={tuple(self.weight_shape)}, p={self.compression_factor}, alpha_mode={self.alpha_mode}, "
+            f"alpha_param={self.alpha_param}, form={self.form}, bias={self.bias is not None}"
         )
 
 
@@ -233,22 +315,19 @@ class TBNLinear(TBNLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         name: str | None = None,
+        alpha_param: AlphaParam = "latent",
     ) -> None:
         self.in_features = in_features
         self.out_features = out_features
         shape = (out_features, in_features)
-        super().__init__(shape, bias, compression_factor, alpha_mode, form, 1, device, dtype, name)
+        super().__init__(shape, bias, compression_factor, alpha_mode, form, 1, device, dtype, name, alpha_param)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
-    def _apply_tile(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        rows, x2d = self.out_features // self.compression_factor, x.reshape(-1, self.in_features)
-        if backend == "torch":
-            y = packed_linear(x2d, self.tile, self.alpha, self.bias, rows)
-        else:
-            y = tile_linear(backend)(x2d, self.tile, self.alpha, self.bias, rows)
-        return y.view(*x.shape[:-1], self.out_features)
+    def _apply_tile(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.out_features // self.compression_factor
+        return backends.linear(x, self.tile, self.alpha, self.bias, rows, self.backend, self.layer_name)
 
     def dense_module(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W_hat`` (dequantization)."""
@@ -261,12 +340,8 @@ class TBNLinear(TBNLayer):
 class _TBNConvNd(TBNLayer):
     """Conv layers: stride, padding, dilation and groups as in ``nn.ConvNd``."""
 
-    _conv: Callable[..., torch.Tensor]
-    _tuple: Callable[[object], tuple[int, ...]]
+    _tuple = staticmethod(_pair)
     _dense_type: type[nn.Module]
-    # The CPU kernel takes convs only through unfold (kh * kw times the input's memory), slower
-    # than F.convNd on the expanded tile in every case measured: "auto" keeps them on torch.
-    _auto_native = False
 
     def __init__(
         self,
@@ -284,55 +359,31 @@ class _TBNConvNd(TBNLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         name: str | None = None,
+        alpha_param: AlphaParam = "latent",
     ) -> None:
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"{name or type(self).__name__}: groups {groups} must divide in and out channels")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = type(self)._tuple(kernel_size)
-        self.stride = type(self)._tuple(stride)
-        self.padding = padding if isinstance(padding, str) else type(self)._tuple(padding)
-        self.dilation = type(self)._tuple(dilation)
+        self.kernel_size = self._tuple(kernel_size)
+        self.stride = self._tuple(stride)
+        self.padding = padding if isinstance(padding, str) else self._tuple(padding)
+        self.dilation = self._tuple(dilation)
         self.groups = groups
         shape = (out_channels, in_channels // groups, *self.kernel_size)
-        super().__init__(shape, bias, compression_factor, alpha_mode, form, groups, device, dtype, name)
-
-    def _conv_with(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
-        return type(self)._conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+        self.geometry = ConvGeometry(shape, self.stride, self.padding, self.dilation, groups)
+        super().__init__(shape, bias, compression_factor, alpha_mode, form, groups, device, dtype, name, alpha_param)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self._conv_with(x, weight, bias, self.groups)
+        return self.geometry.conv(x, weight, bias, self.groups)
 
-    def _apply_tile(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        if backend != "torch":  # unfold + the kernel's GEMM (hf_tbn.kernels.conv)
-            from .kernels.conv import packed_conv
-
-            return packed_conv(
-                x, self.tile, self.alpha, self.bias, tuple(self.weight_shape), self.stride, self.padding,
-                self.dilation, self.groups, tile_linear(backend),
-            )
-        tile = tiling.unpack_bits(self.tile, self.tile_length, x.dtype).view(self.tile_shape)
-        channel_dim = -1 - len(self.kernel_size)  # counted from the end: batched or not
-        if self.groups == 1:
-            return tiling.tiled_outputs(self._conv_with(x, tile, None, 1), self.alpha, channel_dim, self.bias)
-        # Grouped: each copy reads its own input channels, so only the tile's memory is reused.
-        p, in_per_group = self.compression_factor, self.in_channels // self.groups
-        groups_per_copy = max(self.groups // p, 1)
-        copies_per_group = max(p // self.groups, 1)
-        blocks = []
-        for i in range(p):
-            first = (i // copies_per_group) * groups_per_copy * in_per_group
-            xs = x.narrow(channel_dim, first, groups_per_copy * in_per_group)
-            blocks.append(self._conv_with(xs, tile, None, groups_per_copy) * self.alpha[i].to(x.dtype))
-        y = torch.cat(blocks, dim=channel_dim)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype).view(-1, *([1] * len(self.kernel_size)))
-        return y
+    def _apply_tile(self, x: torch.Tensor) -> torch.Tensor:
+        return backends.conv(x, self.tile, self.alpha, self.bias, self.geometry, self.backend, self.layer_name)
 
     def dense_module(self) -> nn.Module:
         """A plain ``nn.ConvNd`` holding ``W_hat`` (dequantization)."""
         w = self.effective_weight().detach()
-        out = type(self)._dense_type(
+        out = self._dense_type(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
             self.groups, self.bias is not None, device=w.device, dtype=w.dtype,
         )
@@ -343,7 +394,6 @@ class _TBNConvNd(TBNLayer):
 class TBNConv1d(_TBNConvNd):
     """TBN replacement for ``nn.Conv1d``."""
 
-    _conv = staticmethod(F.conv1d)
     _tuple = staticmethod(_single)
     _dense_type = nn.Conv1d
 
@@ -351,8 +401,6 @@ class TBNConv1d(_TBNConvNd):
 class TBNConv2d(_TBNConvNd):
     """TBN replacement for ``nn.Conv2d``."""
 
-    _conv = staticmethod(F.conv2d)
-    _tuple = staticmethod(_pair)
     _dense_type = nn.Conv2d
 
 

@@ -1,8 +1,11 @@
-"""PEFT glue: LoRA adapters on TBN layers (QLoRA-style on packed tiles, or beside latent weights).
+"""peft's LoRA on TBN layers, as one backend file (like peft's ``tuners/lora/hqq.py``).
 
-``import hf_tbn`` calls :func:`register_with_peft`, after which every ``LoraConfig`` (also one
-read back by ``PeftModel.from_pretrained``) maps TBN linear layers to :class:`TBNLoraLinear`
-through peft's custom-module dispatch, so users write plain ``get_peft_model(model, config)``.
+:class:`TBNLoraLinear` is LoRA on a :class:`TBNLinear` in either form (QLoRA-style on packed
+tiles, or beside latent weights) and :func:`dispatch_tbn` is its dispatcher, returning None for
+any other layer. peft has no public registry of dispatchers, so :func:`register_with_peft` (run
+when peft is imported, see :mod:`hf_tbn.import_hooks`) wraps two ``LoraModel`` methods; each
+wrapper calls peft's own method unchanged unless TBN layers are involved. The trade-off against
+the alternatives is written in docs/peft-and-distributed.md.
 
 Merging is refused: a LoRA delta is dense and cannot be absorbed by a binary tile without
 changing the model, so ``merge_and_unload`` / ``merge_adapter`` raise a ``ValueError`` naming the
@@ -12,20 +15,20 @@ merges as usual.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraModel
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .layers import TBNLinear, _TBNConvNd
+from .layers import TBNLayer, TBNLinear
 
 
 class TBNLoraLinear(LoraLinear):
-    """LoRA on a :class:`TBNLinear` in either form: ``tbn(x) + B(A(dropout(x))) * scaling``.
+    """LoRA on a :class:`TBNLinear`: ``tbn(x) + B(A(dropout(x))) * scaling``.
 
     The TBN layer stays the frozen base layer (packed: tile bits and alphas are buffers and
     never change; latent: the weight trains only if the user unfreezes it).
@@ -44,14 +47,18 @@ class TBNLoraLinear(LoraLinear):
         raise ValueError(_merge_refusal([self.get_base_layer().layer_name]))
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
-        state = base_layer.weight if base_layer.form == "latent" else base_layer.alpha
-        return state.device, state.dtype
+        return base_layer.device, base_layer.dtype
 
 
-def _refuse_conv(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> nn.Module:
-    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-    raise ValueError(f"{kwargs.get('target_name', base.layer_name)}: LoRA on {type(base).__name__} is not supported; "
-                     "target TBN linear layers")
+def dispatch_tbn(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> nn.Module | None:
+    """The LoRA layer for a TBN ``target``; None when ``target`` is not a TBN layer (peft's other dispatchers decide)."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, TBNLinear):
+        return TBNLoraLinear(target, adapter_name, config=config, **kwargs)
+    if isinstance(base, TBNLayer):
+        raise ValueError(f"{kwargs.get('target_name', base.layer_name)}: LoRA on {type(base).__name__} is not "
+                         "supported; target TBN linear layers")
+    return None
 
 
 def _merge_refusal(names: list[str]) -> str:
@@ -62,23 +69,22 @@ def _merge_refusal(names: list[str]) -> str:
     )
 
 
-def _check_merge_allowed(self: LoraModel, original: Any) -> None:
-    original(self)
-    names = [m.get_base_layer().layer_name for m in self.model.modules() if isinstance(m, TBNLoraLinear)]
-    if names:
-        raise ValueError(_merge_refusal(names))
-
-
-def _post_init(self: LoraConfig, original: Any) -> None:
-    original(self)
-    self._register_custom_module({TBNLinear: TBNLoraLinear, _TBNConvNd: _refuse_conv})
-
-
 def register_with_peft() -> None:
-    """Make peft's LoRA use TBN layers' adapters and refuse merges into tiles; idempotent."""
-    if getattr(LoraConfig, "_hf_tbn_registered", False):
+    """Let ``get_peft_model`` / ``PeftModel.from_pretrained`` use :func:`dispatch_tbn` and refuse merges; idempotent."""
+    if getattr(LoraModel, "_hf_tbn_registered", False):
         return
-    LoraConfig.__post_init__ = functools.partialmethod(_post_init, LoraConfig.__post_init__)
-    LoraModel._check_merge_allowed = functools.partialmethod(_check_merge_allowed, LoraModel._check_merge_allowed)
-    LoraConfig._hf_tbn_registered = True
+    create, check_merge = LoraModel._create_new_module, LoraModel._check_merge_allowed
 
+    def _create_new_module(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
+        module = dispatch_tbn(target, adapter_name, lora_config, **kwargs)
+        return module if module is not None else create(lora_config, adapter_name, target, **kwargs)
+
+    def _check_merge_allowed(self: LoraModel) -> None:
+        check_merge(self)
+        names = [m.get_base_layer().layer_name for m in self.model.modules() if isinstance(m, TBNLoraLinear)]
+        if names:
+            raise ValueError(_merge_refusal(names))
+
+    LoraModel._create_new_module = staticmethod(_create_new_module)
+    LoraModel._check_merge_allowed = _check_merge_allowed
+    LoraModel._hf_tbn_registered = True

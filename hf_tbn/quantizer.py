@@ -2,33 +2,49 @@
 
 Loading with ``from_pretrained(..., quantization_config=TBNConfig(...))`` swaps the eligible
 layers for latent TBN layers on the meta device; the checkpoint's full-precision weights then
-load into them by key (a GPT-2 ``Conv1D`` weight is transposed into the logical orientation by
-:class:`TransposeOnLoad`). A saved TBN folder (latent or packed) reloads with a plain
-``from_pretrained(dir)``: the saved ``layer_factors`` rebuild the same layers and the form of
-each layer is read from the checkpoint's keys, which are checked against the layer shapes
-before any weight is loaded.
+load into them by key, reshaped into the latent ``(p, out/p, ...)`` view (and transposed for GPT-2
+``Conv1D``) by :class:`TiledViewOnLoad`. A saved TBN folder (latent or packed) reloads with a plain
+``from_pretrained(dir)``: the saved ``converted_layers`` rebuild the same layers, each layer's
+form is read from the checkpoint, which is checked against the layers before any weight loads
+(:mod:`hf_tbn.checkpoint`, where the checkpoint format is described).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.core_model_loading import ConversionOps
+from transformers.core_model_loading import ConversionOps, WeightRenaming
 from transformers.pytorch_utils import Conv1D
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
 
-from .checkpoint import checkpoint_forms
+from .checkpoint import FORMAT_VERSION, checkpoint_forms, checkpoint_state_dict
 from .config import QUANT_METHOD, TBNConfig
-from .convert import convert_model, plan_conversion, set_form, tbn_layers
+from .convert import convert_model, plan_conversion, relative_name, set_backend, set_form, tbn_layers
+from .version import version
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
-class TransposeOnLoad(ConversionOps):
-    """Quantize-on-load op: a ``Conv1D`` checkpoint weight ``(in, out)`` -> the latent ``(out, in)``."""
+# Module names of vision patch embeddings whose forward reads ``.weight.dtype`` (transformers' ViT family, CLIP).
+PATCH_PROJECTIONS = ("patch_embeddings.projection", "patch_embedding")
+
+
+class TiledViewOnLoad(ConversionOps):
+    """Quantize-on-load op: a dense checkpoint weight -> the latent ``(p, out/p, ...)`` view of its TBN layer."""
+
+    def __init__(self, quantizer: TBNHfQuantizer) -> None:
+        self.quantizer = quantizer
 
     def convert(
         self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any
@@ -36,7 +52,10 @@ class TransposeOnLoad(ConversionOps):
         key = kwargs.get("full_layer_name") or target_patterns[0]
         value = next(iter(input_dict.values()))
         tensor = value[0] if isinstance(value, list) else value
-        return {key: tensor.t().contiguous()}
+        name = key.removesuffix(".weight")
+        if name in self.quantizer._conv1d:
+            tensor = tensor.t()  # Conv1D stores (in, out)
+        return {key: tensor.reshape(self.quantizer._latent_shapes[name]).contiguous()}
 
 
 class TBNHfQuantizer(HfQuantizer):
@@ -46,9 +65,11 @@ class TBNHfQuantizer(HfQuantizer):
     quantization_config: TBNConfig
 
     def __init__(self, quantization_config: TBNConfig, **kwargs: Any) -> None:
-        # A private copy: the resolved layer_factors must not leak into the caller's config object.
+        # A private copy: the resolved converted_layers must not leak into the caller's config object.
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
-        self._transposed: set[str] = set()
+        self._conv1d: set[str] = set()  # converted layers that were GPT-2 Conv1D (dequantize restores them)
+        self._latent_shapes: dict[str, torch.Size] = {}  # layers quantized on load -> their latent shape
+        self._packed: list[str] = []  # packed layers being loaded, named relative to the base model
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
@@ -57,35 +78,52 @@ class TBNHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
         config = self.quantization_config
-        if config.layer_factors is None:
-            config.modules_to_not_convert = sorted(self._modules_to_not_convert(model))
-        plan = plan_conversion(model, config)
-        if not self.pre_quantized:
-            self._transposed = {f"{name}.weight" for name in plan if isinstance(model.get_submodule(name), Conv1D)}
-        forms = checkpoint_forms(model, plan, kwargs.get("checkpoint_files"), self.pre_quantized, self._transposed)
-        config.layer_factors = {name: p for name, p in plan.items() if forms[name] is not None}
+        plan = plan_conversion(model, config, self._modules_to_keep_dense(model))
+        self._conv1d = {name for name in plan if isinstance(model.get_submodule(name), Conv1D)}
+        forms = checkpoint_forms(model, plan, kwargs.get("checkpoint_files"), config, self._conv1d, self.pre_quantized)
+        config.converted_layers = {relative_name(model, name): p for name, p in plan.items() if forms[name] is not None}
         convert_model(model, config)
         for name, layer in tbn_layers(model):
             if forms.get(name) == "packed":
                 layer.pack()
+                layer._hf_loading = True  # until the weights are in (see TBNLayer.__getattr__)
+                self._packed.append(relative_name(model, name))
+            elif not self.pre_quantized:
+                self._latent_shapes[name] = layer.latent_shape
 
-    def _modules_to_not_convert(self, model: PreTrainedModel) -> set[str]:
-        """The user's list, the model's fp32 modules and tied weights; by default also the output head."""
-        user = self.quantization_config.modules_to_not_convert
+    def _modules_to_keep_dense(self, model: PreTrainedModel) -> set[str]:
+        """The model's fp32 modules, its tied weights, (transformers' rule) its output head, and the vision patch
+        projections whose ``weight.dtype`` the model's forward reads (ViT, CLIP, DINOv2: a packed layer has no weight)."""
         tied = model.all_tied_weights_keys
-        keys = [*self.get_modules_to_not_convert(model, user, model._keep_in_fp32_modules), *tied, *tied.values()]
-        return {key.removesuffix(".weight").removesuffix(".bias") for key in keys}
+        keys = [*self.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules), *tied, *tied.values()]
+        patches = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.endswith(PATCH_PROJECTIONS)]
+        return {key.removesuffix(".weight").removesuffix(".bias") for key in keys} | set(patches)
+
+    def get_weight_conversions(self) -> list[WeightRenaming]:
+        """A packed layer's tile is stored under ``weight`` (a dense layer cannot load it): load it into ``tile``.
+
+        One exact renaming per packed layer (with or without the base-model prefix), applied after the model's own.
+        """
+        return [WeightRenaming(rf"(?<![^.]){re.escape(name)}\.weight$", f"{name}.tile") for name in self._packed]
+
+    def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The checkpoint: packed tiles under ``weight``, the hf_tbn version and format in the safetensors metadata."""
+        metadata = {"hf_tbn_version": version(), "hf_tbn_format": FORMAT_VERSION}
+        return checkpoint_state_dict(model), metadata
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        from .hub import tag_model
+
         for _, layer in tbn_layers(model):
-            layer.backend = self.quantization_config.backend
-        return set_form(model, self.quantization_config.form)
+            layer.__dict__.pop("_hf_loading", None)
+        set_backend(model, self.quantization_config.backend)
+        return set_form(tag_model(model), self.quantization_config.form)
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
-        return not self.pre_quantized and param_name in self._transposed
+        return not self.pre_quantized and param_name.removesuffix(".weight") in self._latent_shapes
 
     def get_quantize_ops(self) -> ConversionOps:
-        return TransposeOnLoad()
+        return TiledViewOnLoad(self)
 
     def is_serializable(self) -> bool:
         return True
@@ -96,17 +134,24 @@ class TBNHfQuantizer(HfQuantizer):
 
     @property
     def is_qat_trainable(self) -> bool:
-        """Trainer may fine-tune the latent form directly (quantization-aware training)."""
-        return self.quantization_config.form == "latent"
+        """Trainer may fine-tune the latent form directly (quantization-aware training); a packed model is refused.
+
+        transformers asks this only when validating a model for training without adapters, so the
+        refusal says what to do instead of its generic message.
+        """
+        if self.quantization_config.form == "packed":
+            raise ValueError(
+                "this TBN model is in the packed form (tile bits + alphas), which has nothing to train: call "
+                "hf_tbn.to_latent_model(model) for quantization-aware training, or attach LoRA adapters with peft"
+            )
+        return True
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
         """Swap every TBN layer for the dense module it replaced, holding ``W_hat``."""
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        with torch.device("meta"):
-            original = type(model)(copy.deepcopy(model.config))
         for name, layer in list(tbn_layers(model)):
             dense = layer.dense_module()
-            if isinstance(original.get_submodule(name), Conv1D):
+            if name in self._conv1d:
                 dense = _as_conv1d(dense)
             model.set_submodule(name, dense.to(dtype) if dtype is not None else dense)
         return model

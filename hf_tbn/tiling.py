@@ -1,4 +1,4 @@
-"""The Tiled Bit Network math (DESIGN.md section 1), in one place.
+"""The Tiled Bit Network math (docs/foundation.md), in one place.
 
 Everything that tiles, binarizes, packs or computes with a tile goes through this module:
 the layers, the kernels' references and the microcontroller exporter.
@@ -37,7 +37,7 @@ def tile_length(numel: int, p: int) -> int:
 def aggregate_sign(w: torch.Tensor, p: int) -> torch.Tensor:
     """The tile ``t`` (values +-1, shape ``(L,)``): sign of the sum over the ``p`` copies.
 
-    Zero maps to -1 (DESIGN.md section 1, step 3). No gradient: see :func:`tiled_sign`.
+    Zero maps to -1 (docs/foundation.md). No gradient: see :func:`tiled_sign`.
     """
     s = w.reshape(p, -1).sum(dim=0)
     return torch.where(s > 0, 1.0, -1.0).to(w.dtype)
@@ -61,7 +61,7 @@ def tiled_sign(w: torch.Tensor, p: int) -> torch.Tensor:
     return _TiledSign.apply(w.reshape(p, -1))
 
 
-def alphas(w: torch.Tensor, p: int, mode: AlphaMode = "per_tile") -> torch.Tensor:
+def alpha(w: torch.Tensor, p: int, mode: AlphaMode = "per_tile") -> torch.Tensor:
     """The ``p`` scales computed from the latent weight (differentiable).
 
     ``per_tile``: ``alpha_i = mean(|W_i|)`` over copy ``i``; ``per_layer``: one
@@ -70,19 +70,24 @@ def alphas(w: torch.Tensor, p: int, mode: AlphaMode = "per_tile") -> torch.Tenso
     if mode == "per_tile":
         return w.reshape(p, -1).abs().mean(dim=1)
     if mode == "per_layer":
-        return w.abs().mean().expand(p)
+        return w.reshape(-1).abs().mean().expand(p)
     raise ValueError(f"alpha_mode must be one of {ALPHA_MODES}, got {mode!r}")
 
 
+def tiled_weight(w: torch.Tensor, p: int, alpha_values: torch.Tensor) -> torch.Tensor:
+    """``W_hat = alpha_i * t`` in ``w``'s shape for the given ``p`` alphas; differentiable w.r.t. ``w``
+    (straight-through) and ``alpha_values``."""
+    return (alpha_values.unsqueeze(1) * tiled_sign(w, p)).reshape(w.shape)
+
+
 def effective_weight(w: torch.Tensor, p: int, mode: AlphaMode = "per_tile") -> torch.Tensor:
-    """``W_hat`` in ``w``'s shape: the training-time weight, differentiable w.r.t. ``w``."""
-    b = tiled_sign(w, p)
-    return (alphas(w, p, mode).unsqueeze(1) * b).reshape(w.shape)
+    """``W_hat`` in ``w``'s shape with the alphas computed from ``w`` itself (the paper's form)."""
+    return tiled_weight(w, p, alpha(w, p, mode))
 
 
-def dequantize(tile: torch.Tensor, alpha: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Dense ``W_hat`` from a +-1 tile ``(L,)`` and ``p`` scales (no gradient path to a latent)."""
-    return (alpha.unsqueeze(1) * tile.to(alpha.dtype).unsqueeze(0)).reshape(shape)
+def dequantize(tile: torch.Tensor, alpha_values: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Dense ``W_hat`` from a +-1 tile ``(L,)`` and the ``p`` alphas (no gradient path to a latent)."""
+    return (alpha_values.unsqueeze(1) * tile.to(alpha_values.dtype).unsqueeze(0)).reshape(shape)
 
 
 def pack_bits(tile: torch.Tensor) -> torch.Tensor:
@@ -172,3 +177,24 @@ def tiled_outputs(
         bias = bias if bias.dtype == y_tile.dtype else bias.to(y_tile.dtype)
         y = torch.addcmul(bias.view((p, -1, *trailing)), y_tile.unsqueeze(dim), scale)
     return y.flatten(dim, dim + 1)
+
+
+def check_tile_operands(
+    name: str, x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int,
+    row0: int,
+) -> None:
+    """ValueError (prefixed by the caller's ``name``) unless ``tile`` holds tile rows ``row0 .. row0 + rows`` of
+    ``x``'s ``K`` values and ``bias`` has one value per output: what every tile-product kernel relies on."""
+    k, p = x.shape[1], alpha.numel()
+    for field, value, least in (("rows", rows, 1), ("row0", row0, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}: {field} must be an int >= {least}, got {value!r}")
+    if tile.dtype != torch.uint8 or tile.dim() != 1 or tile.numel() * 8 < (row0 + rows) * k:
+        need = (row0 + rows) * k
+        raise ValueError(
+            f"{name}: tile must be 1-D uint8 holding {need} values, got {tile.dtype} {tuple(tile.shape)}"
+        )
+    if alpha.dim() != 1 or p == 0:
+        raise ValueError(f"{name}: alpha must be a non-empty 1-D tensor, got shape {tuple(alpha.shape)}")
+    if bias is not None and bias.numel() != p * rows:
+        raise ValueError(f"{name}: bias has {bias.numel()} values, expected p * rows = {p * rows}")

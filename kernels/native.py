@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .tile_ops import apply_tile_matmul, check_operands
+from ..tiling import check_tile_operands
 
 SOURCE = Path(__file__).with_name("tbn_lut.c")
 HEADERS = (Path(__file__).with_name("tbn_lut_lanes.h"),)
@@ -99,9 +99,9 @@ def native_error() -> str | None:
     return None
 
 
-def lut_matmul(
+def tile_linear(
     x: torch.Tensor,
-    bits: torch.Tensor,
+    tile: torch.Tensor,
     alpha: torch.Tensor,
     bias: torch.Tensor | None,
     rows: int,
@@ -111,39 +111,33 @@ def lut_matmul(
     """``(M, p * rows)``: block ``i`` is ``alpha_i * x @ T.T`` (+ bias), ``T`` = tile rows ``row0 .. row0+rows``.
 
     CPU tensors; ``x`` is ``(M, K)`` with ``K % 8 == 0``, fp32/bf16/fp16 (computed in fp32);
-    ``out`` an optional ``(M, p * rows)`` destination of ``x``'s dtype.
+    ``out`` an optional ``(M, p * rows)`` destination of ``x``'s dtype. No autograd (see
+    :mod:`.backends`).
     """
     m, k = x.shape
     p = alpha.numel()
     if x.dtype not in DTYPES or x.device.type != "cpu":
-        raise ValueError(f"lut_matmul: x must be a CPU tensor of {DTYPES}, got {x.dtype} on {x.device}")
+        raise ValueError(f"native tile_linear: x must be a CPU tensor of {DTYPES}, got {x.dtype} on {x.device}")
     if k % 8:
-        raise ValueError(f"lut_matmul: K must be a multiple of 8 (tile rows start on a byte), got K={k}")
-    check_operands("lut_matmul", x, bits, alpha, bias, rows, row0)
+        raise ValueError(f"native tile_linear: K must be a multiple of 8 (tile rows start on a byte), got K={k}")
+    check_tile_operands("native tile_linear", x, tile, alpha, bias, rows, row0)
     if out is not None and (out.shape != (m, p * rows) or out.dtype != x.dtype):
         want, got = f"{x.dtype} {(m, p * rows)}", f"{out.dtype} {tuple(out.shape)}"
-        raise ValueError(f"lut_matmul: out must be {want}, got {got}")
+        raise ValueError(f"native tile_linear: out must be {want}, got {got}")
     x32 = x.float().contiguous()
     alpha32 = alpha.float().contiguous()
     bias32 = None if bias is None else bias.float().contiguous()
     direct = out is not None and out.dtype == torch.float32 and out.stride(1) == 1
     y = out if direct else torch.empty(m, p * rows)
-    bits = bits.contiguous()
+    tile = tile.contiguous()
     status = library().tbn_lut_linear(
-        x32.data_ptr(), m, k, k, bits.data_ptr(), rows, row0, alpha32.data_ptr(), p,
+        x32.data_ptr(), m, k, k, tile.data_ptr(), rows, row0, alpha32.data_ptr(), p,
         None if bias32 is None else bias32.data_ptr(), y.data_ptr(), y.stride(0), torch.get_num_threads(),
     )
     if status:
-        raise RuntimeError(f"lut_matmul: {_ERRORS.get(status, f'status {status}')}")
+        raise RuntimeError(f"native tile_linear: {_ERRORS.get(status, f'status {status}')}")
     if out is None:
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     if not direct:
         out.copy_(y)
     return out
-
-
-def lut_linear(
-    x: torch.Tensor, bits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int = 0
-) -> torch.Tensor:
-    """:func:`lut_matmul` with autograd (gradients reach ``x`` and ``bias``)."""
-    return apply_tile_matmul(lut_matmul, x, bits, alpha, bias, rows, row0)

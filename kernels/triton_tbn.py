@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tile_ops import apply_tile_matmul, check_operands
+from ..tiling import check_tile_operands
 
 _knobs = getattr(triton, "knobs", None)
 # Triton decides interpretation when a kernel is decorated, i.e. when this module is imported.
@@ -30,8 +30,8 @@ DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _tbn_matmul_kernel(
-    x_ptr, bits_ptr, alpha_ptr, bias_ptr, out_ptr,
+def _tile_linear_kernel(
+    x_ptr, tile_ptr, alpha_ptr, bias_ptr, out_ptr,
     M, K, ROWS, P, ROW0,
     stride_xm, stride_xk, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -55,12 +55,12 @@ def _tbn_matmul_kernel(
         if ALIGNED:
             rb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             b_mask = n_ok[:, None] & (rb[None, :] < K // 8)
-            byte = tl.load(bits_ptr + row_start[:, None] // 8 + rb[None, :], mask=b_mask, other=0)
+            byte = tl.load(tile_ptr + row_start[:, None] // 8 + rb[None, :], mask=b_mask, other=0)
             bit = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
             bit = tl.trans(tl.reshape(bit, (BLOCK_N, BLOCK_K)))
         else:
             j = row_start[None, :] + k[:, None]  # (BLOCK_K, BLOCK_N) element indices
-            byte = tl.load(bits_ptr + j // 8, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            byte = tl.load(tile_ptr + j // 8, mask=k_ok[:, None] & n_ok[None, :], other=0)
             bit = (byte.to(tl.int32) >> (j % 8).to(tl.int32)) & 1
         if UPCAST:  # interpreter only: its tl.dot multiplies bf16 operands as raw uint16 integers
             x = x.to(tl.float32)
@@ -93,9 +93,9 @@ def _blocks(m: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return 128, 128, block_k, 8
 
 
-def tbn_matmul(
+def tile_linear(
     x: torch.Tensor,
-    bits: torch.Tensor,
+    tile: torch.Tensor,
     alpha: torch.Tensor,
     bias: torch.Tensor | None,
     rows: int,
@@ -104,36 +104,30 @@ def tbn_matmul(
 ) -> torch.Tensor:
     """``(M, p * rows)``: block ``i`` is ``alpha_i * x @ T.T`` (+ bias), ``T`` = tile rows ``row0 .. row0+rows``.
 
-    ``x`` is ``(M, K)`` (any strides); ``bits`` the packed tile whose rows have ``K`` values;
+    ``x`` is ``(M, K)`` (any strides); ``tile`` the packed tile whose rows have ``K`` values;
     ``alpha`` the ``p`` scales of these copies; ``bias`` ``(p * rows,)`` or None; ``out`` an
-    optional ``(M, p * rows)`` destination (any strides). fp32 runs the dot in IEEE fp32.
+    optional ``(M, p * rows)`` destination (any strides). fp32 runs the dot in IEEE fp32. No autograd
+    (see :mod:`.backends`).
     """
     m, k = x.shape
     p = alpha.numel()
     if x.dtype not in DTYPES:
-        raise ValueError(f"tbn_matmul: activations must be one of {DTYPES}, got {x.dtype}")
-    check_operands("tbn_matmul", x, bits, alpha, bias, rows, row0)
-    if any(t.device != x.device for t in (bits, alpha, bias) if t is not None):
-        raise ValueError(f"tbn_matmul: x, bits, alpha and bias must be on one device, x is on {x.device}")
+        raise ValueError(f"triton tile_linear: activations must be one of {DTYPES}, got {x.dtype}")
+    check_tile_operands("triton tile_linear", x, tile, alpha, bias, rows, row0)
+    if any(t.device != x.device for t in (tile, alpha, bias) if t is not None):
+        raise ValueError(f"triton tile_linear: x, tile, alpha and bias must be on one device, x is on {x.device}")
     if out is None:
         out = x.new_empty(m, p * rows)
     elif out.shape != (m, p * rows):
-        raise ValueError(f"tbn_matmul: out has shape {tuple(out.shape)}, expected {(m, p * rows)}")
+        raise ValueError(f"triton tile_linear: out has shape {tuple(out.shape)}, expected {(m, p * rows)}")
     block_m, block_n, block_k, warps = _blocks(m, x.dtype)
     upcast = INTERPRETED and x.dtype == torch.bfloat16
     grid = (triton.cdiv(m, block_m), triton.cdiv(rows, block_n))
-    _tbn_matmul_kernel[grid](
-        x, bits, alpha.contiguous(), bias.contiguous() if bias is not None else alpha, out,
+    _tile_linear_kernel[grid](
+        x, tile, alpha.contiguous(), bias.contiguous() if bias is not None else alpha, out,
         m, k, rows, p, row0,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, ALIGNED=k % 8 == 0, IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
     return out
-
-
-def tbn_linear(
-    x: torch.Tensor, bits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int = 0
-) -> torch.Tensor:
-    """:func:`tbn_matmul` with autograd (for LoRA and other training through a packed layer)."""
-    return apply_tile_matmul(tbn_matmul, x, bits, alpha, bias, rows, row0)

@@ -67,7 +67,7 @@ def check_kernels(device: str, quick: bool) -> list[str]:
                 x, bits, alpha, bias = random_case(m, k, rows, p, dtype, device, row0)
                 bias = bias if with_bias else None
                 out = torch.full((m, p * rows), float("nan"), device=device, dtype=dtype)
-                triton_tbn.tbn_matmul(x, bits, alpha, bias, rows, row0, out=out)
+                triton_tbn.tile_linear(x, bits, alpha, bias, rows, row0, out=out)
                 ref = reference(x, bits, alpha, bias, rows, row0)
                 err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
                 ok = not out.isnan().any().item() and err < TOL[dtype]
@@ -135,7 +135,7 @@ def speed_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int]) -> 
                 rows = d_out // p
                 bits = tiling.pack_bits(torch.randn(rows * d_in, device="cuda"))
                 alpha = torch.rand(p, device="cuda")
-                times[p] = median_ms(lambda: triton_tbn.tbn_matmul(x, bits, alpha, None, rows))  # noqa: B023
+                times[p] = median_ms(lambda: triton_tbn.tile_linear(x, bits, alpha, None, rows))  # noqa: B023
             for p in ps:
                 moved = 2 * m * d_in + d_in * d_out // (8 * p) + 2 * m * d_out
                 flops = 2 * m * d_in * d_out

@@ -7,11 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from hf_tbn import TBNConfig, pack_model, tbn_layers
-from hf_tbn.convert import logical_weight
+from hf_tbn.checkpoint import model_keyed, read_header
+from hf_tbn.convert import logical_weight, relative_name
 from hf_tbn.tiling import packed_nbytes
 
 Forward = Callable[[PreTrainedModel], torch.Tensor]
@@ -23,9 +23,9 @@ def outputs(model: PreTrainedModel, forward: Forward) -> torch.Tensor:
     return forward(model)
 
 
-def saved_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+def saved_tensors(folder: Path, model: PreTrainedModel) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of each saved tensor, keyed by ``model``'s names (transformers may save other names)."""
+    return model_keyed(model, read_header([folder / "model.safetensors"]))
 
 
 def packed_layer_bytes(model: PreTrainedModel) -> int:
@@ -44,10 +44,12 @@ def roundtrip(cls: type[PreTrainedModel], fp_dir: Path, tmp: Path, forward: Forw
     latent = cls.from_pretrained(fp_dir, quantization_config=config, **load_kwargs)
     layers = dict(tbn_layers(latent))
     assert layers, "nothing was converted"
-    assert latent.config.quantization_config.layer_factors == {n: m.compression_factor for n, m in layers.items()}
-    for name, layer in layers.items():  # the latent weight is the checkpoint weight, in (out, in) orientation
-        assert layer.form == "latent" and layer.weight.requires_grad
-        torch.testing.assert_close(layer.weight, logical_weight(dense.get_submodule(name)), rtol=0, atol=0)
+    expected_plan = {relative_name(latent, n): m.compression_factor for n, m in layers.items()}
+    assert latent.config.quantization_config.converted_layers == expected_plan  # named relative to the base model
+    for name, layer in layers.items():  # the latent weight is the checkpoint weight, as the (p, out/p, in) view
+        assert layer.form == "latent" and layer.weight.requires_grad and layer.weight.shape == layer.latent_shape
+        expected = logical_weight(dense.get_submodule(name))
+        torch.testing.assert_close(layer.weight.view(expected.shape), expected, rtol=0, atol=0)
     y_latent = outputs(latent, forward)
 
     latent.save_pretrained(tmp / "latent")
@@ -60,11 +62,11 @@ def roundtrip(cls: type[PreTrainedModel], fp_dir: Path, tmp: Path, forward: Forw
     tol = {"rtol": 1e-4, "atol": 1e-3} if y_latent.dtype == torch.float32 else {"rtol": 5e-2, "atol": 5e-2}
     torch.testing.assert_close(y_packed, y_latent, **tol)
     reloaded.save_pretrained(tmp / "packed")
-    saved = saved_tensors(tmp / "packed")
+    saved = saved_tensors(tmp / "packed", reloaded)
     stored = 0
-    for name, layer in layers.items():
-        assert f"{name}.weight" not in saved, f"{name}: packed checkpoint still holds the dense weight"
-        tile_shape, tile_dtype = saved[f"{name}.tile"]
+    for name, layer in layers.items():  # the tile is stored under "weight", a shape no dense layer takes
+        assert f"{name}.tile" not in saved
+        tile_shape, tile_dtype = saved[f"{name}.weight"]
         assert tile_dtype == "U8" and tile_shape == (packed_nbytes(layer.numel // layer.compression_factor),)
         assert saved[f"{name}.alpha"][0] == (layer.compression_factor,)
         stored += tile_shape[0] + 4 * layer.compression_factor

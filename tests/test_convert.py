@@ -28,16 +28,16 @@ def test_convert_sequential_with_the_factor_rule() -> None:
     convert_model(model, config)
     assert isinstance(model[0], TBNConv2d) and isinstance(model[4], TBNLinear) and isinstance(model[6], TBNLinear)
     assert isinstance(model[1], nn.BatchNorm2d)
-    # conv: 648 < 1000 -> binary; fc1: 8 divides 300? no -> largest divisor <= 8 is 6; fc2: 10 -> 5
-    assert config.layer_factors == {"0": 1, "4": 6, "6": 5}
-    assert {name: layer.compression_factor for name, layer in tbn_layers(model)} == config.layer_factors
+    # conv: 648 < 1000 -> binary; fc1: 8 divides 300? no -> largest divisor <= 8 is 6; fc2, the output layer: 1
+    assert config.converted_layers == {"0": 1, "4": 6, "6": 1}
+    assert {name: layer.compression_factor for name, layer in tbn_layers(model)} == config.converted_layers
 
 
 def test_conversion_starts_from_the_dense_weights() -> None:
     model = small_net()
     dense_fc = model[4].weight.detach().clone()
     convert_model(model, TBNConfig(min_compress_size=0))
-    assert torch.equal(model[4].weight, dense_fc)
+    assert torch.equal(model[4].weight.view(dense_fc.shape), dense_fc)  # held as the tiled view (p, out/p, in)
 
 
 def test_overrides_and_modules_to_not_convert() -> None:
@@ -47,7 +47,7 @@ def test_overrides_and_modules_to_not_convert() -> None:
         modules_to_not_convert=["6"],
     )
     convert_model(model, config)
-    assert config.layer_factors == {"0": 1, "4": 2}
+    assert config.converted_layers == {"0": 1, "4": 2}
     assert isinstance(model[6], nn.Linear) and not isinstance(model[6], TBNLinear)
 
 
@@ -56,7 +56,7 @@ def test_saved_plan_is_rebuilt_exactly() -> None:
     convert_model(small_net(), config)
     replay = TBNConfig.from_dict(config.to_dict())
     model = convert_model(small_net(), replay)
-    assert {name: layer.compression_factor for name, layer in tbn_layers(model)} == config.layer_factors
+    assert {name: layer.compression_factor for name, layer in tbn_layers(model)} == config.converted_layers
 
 
 def test_pack_and_back_keeps_outputs() -> None:
@@ -72,7 +72,7 @@ def test_pack_and_back_keeps_outputs() -> None:
 
 
 def test_pattern_matching_nothing_is_an_error() -> None:
-    with pytest.raises(ValueError, match=r"patterns \['decoder.fc'\] match no convertible layer"):
+    with pytest.raises(ValueError, match=r"layer_compression_factors pattern 'decoder.fc' matches no convertible layer"):
         convert_model(small_net(), TBNConfig(layer_compression_factors={"decoder.fc": 2}))
 
 

@@ -42,7 +42,7 @@ def test_kernel_writes_every_output_and_matches(m: int, p: int, dtype: torch.dty
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(p)).to(dtype)
     buffer = torch.full((m, p * rows + 2), float("nan"), dtype=dtype)  # poisoned, one guard column each side
     out = buffer[:, 1:-1]
-    assert triton_tbn.tbn_matmul(x, bits, alpha, bias, rows, out=out) is out
+    assert triton_tbn.tile_linear(x, bits, alpha, bias, rows, out=out) is out
     assert not out.isnan().any(), "some outputs were never written"
     assert buffer[:, 0].isnan().all() and buffer[:, -1].isnan().all(), "the kernel wrote outside its output"
     assert rel_err(out, reference(x, bits, alpha, bias, rows)) < TOL[dtype]
@@ -53,20 +53,20 @@ def test_kernel_strided_input_no_bias_row_offset(dtype: torch.dtype) -> None:
     rows, k, row0, p = 6, 40, 3, 2
     bits, alpha, _ = random_tile(row0 + rows + 2, k, p, seed=7)
     x = torch.randn(k, 5).to(dtype).t()  # (5, K), not contiguous
-    y = triton_tbn.tbn_matmul(x, bits, alpha, None, rows, row0)
+    y = triton_tbn.tile_linear(x, bits, alpha, None, rows, row0)
     assert rel_err(y, reference(x, bits, alpha, None, rows, row0)) < TOL[dtype]
 
 
 def test_kernel_rejects_bad_arguments() -> None:
     bits, alpha, bias = random_tile(4, 16, 2, seed=0)
     with pytest.raises(ValueError, match="activations must be one of"):
-        triton_tbn.tbn_matmul(torch.randn(2, 16, dtype=torch.float64), bits, alpha, bias, 4)
-    with pytest.raises(ValueError, match="bits must be uint8 holding 80 values"):
-        triton_tbn.tbn_matmul(torch.randn(2, 16), bits, alpha, bias, 5)
+        triton_tbn.tile_linear(torch.randn(2, 16, dtype=torch.float64), bits, alpha, bias, 4)
+    with pytest.raises(ValueError, match="tile must be 1-D uint8 holding 80 values"):
+        triton_tbn.tile_linear(torch.randn(2, 16), bits, alpha, bias, 5)
     with pytest.raises(ValueError, match="must be on one device, x is on meta"):
-        triton_tbn.tbn_matmul(torch.randn(2, 16, device="meta"), bits, alpha, bias, 4)
+        triton_tbn.tile_linear(torch.randn(2, 16, device="meta"), bits, alpha, bias, 4)
     with pytest.raises(ValueError, match="bias has 8 values, expected p \\* rows = 6"):
-        triton_tbn.tbn_matmul(torch.randn(2, 16), bits, alpha[:1].repeat(2), bias, 3)
+        triton_tbn.tile_linear(torch.randn(2, 16), bits, alpha[:1].repeat(2), bias, 3)
 
 
 @pytest.mark.parametrize("m", [1, 3, 64])
@@ -76,14 +76,14 @@ def test_torch_path_matches(m: int, k: int, rows: int, monkeypatch: pytest.Monke
     monkeypatch.setattr(torch_path, "CHUNK_VALUES", 1000)  # several ragged chunks
     bits, alpha, bias = random_tile(rows, k, 4, seed=k + m)
     x = torch.randn(m, k)
-    assert rel_err(torch_path.packed_linear(x, bits, alpha, bias, rows), reference(x, bits, alpha, bias, rows)) < 1e-5
+    assert rel_err(torch_path.tile_linear(x, bits, alpha, bias, rows), reference(x, bits, alpha, bias, rows)) < 1e-5
 
 
 @pytest.mark.parametrize("m", [1, 16])
 def test_torch_path_bf16(m: int) -> None:
     bits, alpha, bias = random_tile(40, 64, 2, seed=m)
     x = torch.randn(m, 64).bfloat16()
-    y = torch_path.packed_linear(x, bits, alpha, bias, 40)
+    y = torch_path.tile_linear(x, bits, alpha, bias, 40)
     assert y.dtype == torch.bfloat16 and rel_err(y, reference(x, bits, alpha, bias, 40)) < 1e-2
 
 
@@ -114,7 +114,7 @@ def packed_layers() -> list[tuple[str, nn.Module, torch.Tensor]]:
     return [(name, layer.pack(), x) for name, layer, x in cases]
 
 
-def backends(layer: nn.Module) -> tuple[str, ...]:
+def backends_for(layer: nn.Module) -> tuple[str, ...]:
     """Every backend that runs ``layer`` on CPU: the compiled kernel only for tile rows of whole bytes."""
     return ("torch", "triton", "native") if math.prod(layer.weight_shape[1:]) % 8 == 0 else ("torch", "triton")
 
@@ -123,7 +123,7 @@ def backends(layer: nn.Module) -> tuple[str, ...]:
 def test_layers_agree_across_backends(name: str, layer: nn.Module, x: torch.Tensor) -> None:
     expected = layer.dense_module()(x).detach()  # the dense layer holding W_hat
     outputs = {}
-    for backend in backends(layer):
+    for backend in backends_for(layer):
         layer.backend = backend
         outputs[backend] = layer(x).detach()
         assert outputs[backend].shape == expected.shape, backend
@@ -137,7 +137,7 @@ def test_gradients_agree_across_backends(name: str, layer: nn.Module, x: torch.T
     """Training through a packed layer (e.g. adapters before it) gets the same grads on both paths."""
     grads = {}
     grad_out = torch.randn_like(layer(x))
-    for backend in backends(layer):
+    for backend in backends_for(layer):
         layer.backend = backend
         xg = x.clone().requires_grad_()
         layer.zero_grad()

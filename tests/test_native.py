@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tbn.kernels import dispatch, native
+from hf_tbn.kernels import backends, native
 from kernel_reference import TOL, random_tile, reference, rel_err
 
-from hf_tbn import TBNConv2d, TBNLinear
+from hf_tbn import TBNLinear
 
 
 def test_kernel_builds_here() -> None:
@@ -32,7 +32,7 @@ def test_writes_every_output_and_matches(m: int, p: int) -> None:
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(p))
     buffer = torch.full((m, p * rows + 2), float("nan"))  # poisoned, one guard column each side
     out = buffer[:, 1:-1]
-    assert native.lut_matmul(x, bits, alpha, bias, rows, out=out) is out
+    assert native.tile_linear(x, bits, alpha, bias, rows, out=out) is out
     assert not out.isnan().any(), "some outputs were never written"
     assert buffer[:, 0].isnan().all() and buffer[:, -1].isnan().all(), "the kernel wrote outside its output"
     assert rel_err(out, reference(x, bits, alpha, bias, rows)) < TOL[torch.float32]
@@ -44,8 +44,8 @@ def test_every_shape_every_lane_count(shape: tuple[int, int]) -> None:
     bits, alpha, bias = random_tile(rows, k, 2, seed=k)
     x = torch.randn(33, k)  # blocks of 16 rows of x, a ragged last block, and single rows
     expected = reference(x, bits, alpha, bias, rows)
-    assert rel_err(native.lut_matmul(x, bits, alpha, bias, rows), expected) < 1e-5
-    assert rel_err(native.lut_matmul(x[:1], bits, alpha, bias, rows), expected[:1]) < 1e-5
+    assert rel_err(native.tile_linear(x, bits, alpha, bias, rows), expected) < 1e-5
+    assert rel_err(native.tile_linear(x[:1], bits, alpha, bias, rows), expected[:1]) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -53,7 +53,7 @@ def test_half_precision_activations_strided_row_offset_no_bias(dtype: torch.dtyp
     rows, k, row0, p = 40, 64, 3, 4
     bits, alpha, _ = random_tile(row0 + rows + 2, k, p, seed=5)
     x = torch.randn(k, 6).to(dtype).t()  # (6, K), not contiguous
-    y = native.lut_matmul(x, bits, alpha, None, rows, row0)
+    y = native.tile_linear(x, bits, alpha, None, rows, row0)
     assert y.dtype == dtype and y.shape == (6, p * rows)
     assert rel_err(y, reference(x, bits, alpha, None, rows, row0)) < TOL[dtype]
 
@@ -64,9 +64,9 @@ def test_threads_give_the_same_result() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.lut_matmul(x, bits, alpha, bias, 300)
+        one = native.tile_linear(x, bits, alpha, bias, 300)
         torch.set_num_threads(2)
-        two = native.lut_matmul(x, bits, alpha, bias, 300)
+        two = native.tile_linear(x, bits, alpha, bias, 300)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)  # every sum is taken in the same order whatever the thread count
@@ -75,26 +75,25 @@ def test_threads_give_the_same_result() -> None:
 def test_rejects_bad_arguments() -> None:
     bits, alpha, bias = random_tile(4, 16, 2, seed=0)
     with pytest.raises(ValueError, match="K must be a multiple of 8 .* got K=12"):
-        native.lut_matmul(torch.randn(2, 12), bits, alpha, bias[:6], 3)
+        native.tile_linear(torch.randn(2, 12), bits, alpha, bias[:6], 3)
     with pytest.raises(ValueError, match="x must be a CPU tensor"):
-        native.lut_matmul(torch.randn(2, 16, dtype=torch.float64), bits, alpha, bias, 4)
-    with pytest.raises(ValueError, match="bits must be uint8 holding 80 values"):
-        native.lut_matmul(torch.randn(2, 16), bits, alpha, bias, 5)
+        native.tile_linear(torch.randn(2, 16, dtype=torch.float64), bits, alpha, bias, 4)
+    with pytest.raises(ValueError, match="tile must be 1-D uint8 holding 80 values"):
+        native.tile_linear(torch.randn(2, 16), bits, alpha, bias, 5)
     with pytest.raises(ValueError, match="bias has 8 values, expected p \\* rows = 6"):
-        native.lut_matmul(torch.randn(2, 16), bits, alpha, bias, 3)
+        native.tile_linear(torch.randn(2, 16), bits, alpha, bias, 3)
     with pytest.raises(ValueError, match="out must be torch.float32 \\(2, 8\\)"):
-        native.lut_matmul(torch.randn(2, 16), bits, alpha, bias, 4, out=torch.empty(2, 9))
+        native.tile_linear(torch.randn(2, 16), bits, alpha, bias, 4, out=torch.empty(2, 9))
 
 
 def test_layer_dispatch_on_cpu() -> None:
     aligned = TBNLinear(64, 32, compression_factor=4, name="fc").pack()
     ragged = TBNLinear(20, 32, compression_factor=4, name="odd").pack()
     x64, x20 = torch.randn(2, 64), torch.randn(2, 20)
-    assert dispatch.resolve_backend("auto", x64, "fc", 64) == "native"
-    assert dispatch.resolve_backend("auto", x20, "odd", 20) == "torch"  # rows not on bytes: the torch path
-    assert dispatch.resolve_backend("auto", x64.double(), "fc", 64) == "torch"
-    conv = TBNConv2d(8, 16, 3, compression_factor=4)  # rows of 72 values, but convs stay on F.conv2d
-    assert dispatch.resolve_backend("auto", x64, "conv", 72, conv._auto_native) == "torch"
+    assert backends.resolve("auto", x64, "linear", 64, "fc").name == "native"
+    assert backends.resolve("auto", x20, "linear", 20, "odd").name == "torch"  # rows not on bytes: the torch path
+    assert backends.resolve("auto", x64.double(), "linear", 64, "fc").name == "torch"
+    assert backends.resolve("auto", x64, "conv", 72, "conv").name == "torch"  # convs stay on F.conv2d
     ragged.backend = "native"
     with pytest.raises(ValueError, match="odd: backend='native' .* multiple of 8 values .* got 20"):
         ragged(x20)

@@ -15,6 +15,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AutoQuantizatio
 
 import hf_tbn
 from hf_tbn import TBNConfig, TBNHfQuantizer, pack_model, tbn_layers
+from hf_tbn.quantizer import register
 
 LAYER = "transformer.h.0.mlp.c_fc"  # Conv1D 32 -> 128: weight (128, 32), p = 4, tile 1024 bits = 128 bytes
 
@@ -45,8 +46,8 @@ def tampered(src: Path, dst: Path, change: dict[str, torch.Tensor | None]) -> Pa
 
 
 def test_registration_is_idempotent_and_config_round_trips() -> None:
-    hf_tbn.register()
-    hf_tbn.register()
+    register()
+    register()
     assert AUTO_QUANTIZER_MAPPING["tbn"] is TBNHfQuantizer
     config = TBNConfig(compression_factor=8, layer_compression_factors={"c_fc": 2}, modules_to_not_convert=["wte"])
     data = json.loads(config.to_json_string())
@@ -61,8 +62,8 @@ def test_registration_is_idempotent_and_config_round_trips() -> None:
     ({"backend": "cuda"}, "backend must be one of"),
     ({"min_compress_size": -1}, "min_compress_size"),
     ({"bogus_key": 1}, "unknown keys \\['bogus_key'\\]"),
-    ({"layer_factors": {LAYER: 3}}, f"{LAYER}: compression_factor 3 does not divide the output dimension 128"),
-    ({"layer_factors": {"transformer.h.9.mlp.c_fc": 4}}, "layer_factors names 'transformer.h.9.mlp.c_fc'"),
+    ({"converted_layers": {LAYER: 3}}, f"{LAYER}: compression_factor 3 does not divide the output dimension 128"),
+    ({"converted_layers": {"transformer.h.9.mlp.c_fc": 4}}, "converted_layers names 'transformer.h.9.mlp.c_fc'"),
 ])
 def test_bad_saved_config_is_refused(folders: dict[str, Path], tmp_path: Path, change: dict, message: str) -> None:
     folder = shutil.copytree(folders["packed"], tmp_path / "bad")
@@ -74,8 +75,8 @@ def test_bad_saved_config_is_refused(folders: dict[str, Path], tmp_path: Path, c
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("tile", torch.zeros(127, dtype=torch.uint8), r"c_fc.tile' has \(127,\) U8, the layer needs \(128,\) U8"),
-    ("tile", torch.zeros(128, dtype=torch.int8), r"has \(128,\) I8, the layer needs \(128,\) U8"),
+    ("weight", torch.zeros(127, dtype=torch.uint8), r"c_fc.weight' has \(127,\) U8, the layer needs \(128,\) U8"),
+    ("weight", torch.zeros(128, dtype=torch.int8), r"has \(128,\) I8, the layer needs \(128,\) U8 \(the packed tile\)"),
     ("alpha", torch.ones(2), r"'transformer.h.0.mlp.c_fc.alpha' has \(2,\) F32, the layer needs \(4,\)"),
     ("alpha", None, r"checkpoint has no 'transformer.h.0.mlp.c_fc.alpha'"),
 ])
@@ -88,7 +89,7 @@ def test_packed_checkpoint_disagreeing_with_the_layer(folders: dict[str, Path], 
 
 def test_latent_checkpoint_with_wrong_weight_shape(folders: dict[str, Path], tmp_path: Path) -> None:
     folder = tampered(folders["latent"], tmp_path / "bad", {f"{LAYER}.weight": torch.zeros(32, 128)})
-    with pytest.raises(ValueError, match=r"c_fc.weight' has \(32, 128\) F32, the layer needs \(128, 32\)"):
+    with pytest.raises(ValueError, match=r"c_fc.weight' has \(32, 128\) F32, the layer needs \(4, 32, 32\)"):
         GPT2LMHeadModel.from_pretrained(folder)
 
 
@@ -103,7 +104,7 @@ def test_packed_tensors_need_the_tbn_config(folders: dict[str, Path], tmp_path: 
     config = json.loads((folder / "config.json").read_text())
     del config["quantization_config"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="packed tensors but has no TBN quantization_config"):
+    with pytest.raises(ValueError, match="TBN tensors but config.json has no TBN quantization_config"):
         GPT2LMHeadModel.from_pretrained(folder, quantization_config=TBNConfig(min_compress_size=0))
 
 
@@ -124,7 +125,9 @@ def test_disk_offload_is_refused(folders: dict[str, Path]) -> None:
 def test_packed_checkpoint_loads_back_in_latent_form(folders: dict[str, Path], tmp_path: Path) -> None:
     packed = GPT2LMHeadModel.from_pretrained(folders["packed"])
     latent = hf_tbn.to_latent_model(GPT2LMHeadModel.from_pretrained(folders["packed"]))
-    assert latent.hf_quantizer.is_qat_trainable and not packed.hf_quantizer.is_qat_trainable
+    assert latent.hf_quantizer.is_qat_trainable
+    with pytest.raises(ValueError, match=r"packed form .* hf_tbn.to_latent_model\(model\)"):
+        packed.hf_quantizer.is_qat_trainable  # noqa: B018 (what Trainer asks)
     for (name, a), (_, b) in zip(tbn_layers(packed), tbn_layers(latent), strict=True):
         assert b.form == "latent" and torch.equal(a.tile, copy.deepcopy(b).pack().tile), name
     latent.save_pretrained(tmp_path / "latent")

@@ -29,7 +29,7 @@ def test_effective_weight_bit_exact(p: int, mode: str) -> None:
         w = random_weight(p, seed)
         t_ref, a_ref, w_ref = reference_tbn(w, p, mode)
         assert torch.equal(tiling.aggregate_sign(w, p), t_ref)
-        assert torch.equal(tiling.alphas(w, p, mode), a_ref)
+        assert torch.equal(tiling.alpha(w, p, mode), a_ref)
         assert torch.equal(tiling.effective_weight(w, p, mode), w_ref)
 
 
@@ -96,7 +96,7 @@ def test_tiled_outputs_is_the_compute_reuse_identity(p: int) -> None:
     w = random_weight(p, seed=7, trailing=(24,))
     x = torch.randn(3, 24)
     t = tiling.aggregate_sign(w, p).view(w.shape[0] // p, 24)
-    alpha = tiling.alphas(w, p)
+    alpha = tiling.alpha(w, p)
     reused = tiling.tiled_outputs(x @ t.T, alpha)
     dense = x @ tiling.dequantize(t.flatten(), alpha, w.shape).T
     torch.testing.assert_close(reused, dense)
@@ -125,4 +125,4 @@ def test_resolve_factor(out: int, numel: int, p: int, minimum: int, groups: int,
 
 def test_unknown_alpha_mode() -> None:
     with pytest.raises(ValueError, match="per_row"):
-        tiling.alphas(torch.ones(4, 4), 2, "per_row")
+        tiling.alpha(torch.ones(4, 4), 2, "per_row")
