@@ -1,156 +1,310 @@
-"""``hf-tbn`` subcommands for Hugging Face folders: quantize, pack, inspect, train, demo."""
+"""``hf-tbn`` commands on Hugging Face folders: quantize, pack, dequantize, inspect, train, demo.
+
+A command that writes a folder checks its input first, refuses to write over it (or into a
+non-empty folder without ``--overwrite``), writes everything into a fresh folder beside OUT and
+renames that into place at the end: a run that fails leaves OUT as it was. Every file of the
+source that is not a weight file travels along (tokenizer, sentence-transformers modules,
+license, README unless the model card replaces it).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
+from tqdm.auto import tqdm
 from transformers import AutoModel, PreTrainedModel
 
+from . import hub
+from .cli import OneLineErrors, UserError, add_config_args, add_output_args
 from .config import TBNConfig
-from .convert import pack_model
-from .demo import DemoBudget, run_demo
-from .hub import save_tbn, tbn_config
+from .convert import pack_model, tbn_layers, to_latent_model
 from .report import format_table
-from .train import TASKS, TrainBudget, train
 
-# Files save_pretrained writes itself, or that describe the full-precision weights only.
-_NOT_COPIED = {"config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "pytorch_model.bin.index.json", "README.md", "generation_config.json"}
+# Weights in any format: the output's own weights are written by save_pretrained, and the
+# source's full-precision weights (or exports of them) must not travel with a TBN model.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx",
+                   ".onnx_data", ".ot", ".tflite", ".index.json")
+EXPORT_FOLDERS = {"onnx", "openvino"}  # full-precision exports of the source model
+METRICS_FILE = "eval_results.json"  # what train measured: true of the weights it wrote, not of later ones
+# TBNConfig fields set from the command line (dest of the option -> field).
+CONFIG_OPTIONS = {"p": "compression_factor", "min_compress_size": "min_compress_size",
+                  "exclude": "modules_to_not_convert", "alpha_mode": "alpha_mode"}
+
+
+# -- input folders ----------------------------------------------------------------------------
+def read_config(folder: Path) -> dict[str, Any]:
+    """``folder/config.json``; a one-line error when the folder is missing or not a model folder."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
+    file = folder / "config.json"
+    if not file.is_file():
+        raise UserError(f"{folder}: no config.json, not a transformers model folder")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}: not valid JSON ({e})") from None
+
+
+def saved_tbn_config(folder: Path) -> dict[str, Any] | None:
+    """The folder's TBN quantization config as saved; None for a full-precision folder."""
+    quantization = read_config(folder).get("quantization_config")
+    if quantization is None:
+        return None
+    if quantization.get("quant_method") != "tbn":
+        raise UserError(f"{folder}: quantized with {quantization.get('quant_method')!r}, not TBN")
+    return quantization
+
+
+def require_tbn(folder: Path) -> dict[str, Any]:
+    saved = saved_tbn_config(folder)
+    if saved is None:
+        raise UserError(f"{folder}: not a TBN folder (config.json has no quantization_config); "
+                        "convert it with hf-tbn quantize")
+    return saved
 
 
 def model_class(folder: Path) -> type[PreTrainedModel]:
-    """The architecture recorded in the folder's config.json (AutoModel when none is recorded)."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{folder}: no config.json; expected a transformers model folder")
-    archs = json.loads(config_file.read_text()).get("architectures") or []
+    """The architecture recorded in the folder's config.json (AutoModel when none is known)."""
+    archs = read_config(folder).get("architectures") or []
     return getattr(transformers, archs[0], AutoModel) if archs else AutoModel
 
 
-def copy_companions(src: Path, out: Path) -> None:
-    """Tokenizer, preprocessor and other small top-level files travel with the converted model."""
-    for f in src.iterdir():
-        if f.is_file() and f.name not in _NOT_COPIED and not f.name.endswith((".safetensors", ".bin", ".gguf")):
-            shutil.copy2(f, out / f.name)
+def load(folder: Path, **kwargs: Any) -> PreTrainedModel:
+    """``from_pretrained`` of the folder's own class; missing weight files are a user error."""
+    try:
+        return model_class(folder).from_pretrained(folder, **kwargs)
+    except OSError as e:
+        raise UserError(f"{folder}: {e}".splitlines()[0]) from None
 
 
-def _config_from(args: argparse.Namespace, form: str) -> TBNConfig:
-    return TBNConfig(
-        compression_factor=args.p, min_compress_size=args.min_compress_size, form=form,
-        modules_to_not_convert=args.exclude or None, alpha_mode=args.alpha_mode,
-    )
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TBNConfig fields given on the command line (unset options keep TBNConfig's defaults)."""
+    return {field: getattr(args, dest) for dest, field in CONFIG_OPTIONS.items() if getattr(args, dest) is not None}
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--p", type=int, default=4, help="compression factor p (default 4)")
-    p.add_argument("--min-compress-size", type=int, default=64_000, help="layers with fewer weights get p=1")
-    p.add_argument("--exclude", action="append", help="module-name pattern kept full precision (repeatable)")
-    p.add_argument("--alpha-mode", default="per_tile", choices=("per_tile", "per_layer"))
+def check_same_config(src: Path, saved: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """A TBN folder keeps its saved plan: refuse options that ask for another one."""
+    for field, value in overrides.items():
+        if field == "modules_to_not_convert" or saved.get(field) != value:
+            raise UserError(f"{src} is already TBN ({field}={saved.get(field)!r}); it cannot be converted again "
+                            f"with {field}={value!r}: start from its full-precision source")
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    src, out = Path(args.src), Path(args.out)
+def quantization_for(src: Path, args: argparse.Namespace, form: str) -> TBNConfig | None:
+    """The config to quantize ``src`` on load with, or None when ``src`` is TBN (loaded as saved)."""
+    saved, overrides = saved_tbn_config(src), config_overrides(args)
+    if saved is not None:
+        check_same_config(src, saved, overrides)
+        return None
+    return TBNConfig(**overrides, form=form)
+
+
+# -- output folders ---------------------------------------------------------------------------
+def check_output(out: Path, sources: Sequence[Path], overwrite: bool) -> None:
+    """Refuse an output that is, holds or sits inside an input, or a non-empty one without ``overwrite``."""
+    target = out.resolve()
+    for src in sources:
+        source = src.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise UserError(f"{out}: the output would write over the input {src}; choose another folder")
+    if target.exists():
+        if not target.is_dir():
+            raise UserError(f"{out}: exists and is not a folder")
+        if any(target.iterdir()) and not overwrite:
+            raise UserError(f"{out}: folder is not empty; pass --overwrite to replace it")
+
+
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` to write into; it replaces ``out`` only if the block succeeds."""
+    target = out.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = target.parent / f".{target.name}.{secrets.token_hex(4)}.partial"
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if target.exists():
+        old = stage.with_suffix(".old")
+        target.rename(old)
+        stage.rename(target)
+        shutil.rmtree(old)
+    else:
+        stage.rename(target)
+
+
+def copy_companions(src: Path, out: Path, skip: Sequence[str] = ()) -> None:
+    """Copy every file and subfolder of ``src`` that is not a weight file and not already in ``out``.
+
+    Hidden entries, full-precision exports (``onnx/``, ``openvino/``), the source's evaluation
+    results and the names in ``skip`` stay behind.
+    """
+    for entry in src.iterdir():
+        target = out / entry.name
+        if entry.name.startswith(".") or entry.name in (*skip, METRICS_FILE) or target.exists():
+            continue
+        if entry.is_dir():
+            if entry.name not in EXPORT_FOLDERS:
+                shutil.copytree(entry, target, ignore=_weight_files)
+        elif not entry.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(entry, target)
+
+
+def _weight_files(folder: str, names: list[str]) -> set[str]:
+    return {n for n in names if n.endswith(WEIGHT_SUFFIXES) or n.startswith(".")}
+
+
+def write_tbn(model: PreTrainedModel, src: Path, args: argparse.Namespace, tokenizer: Any = None,
+              metrics: dict[str, float] | None = None, task: str | None = None) -> int:
+    """The common ending: save (card included) and the source's other files into OUT, then the table.
+
+    ``metrics`` (Trainer's, of ``task`` on the held-out data) go into the card and ``eval_results.json``.
+    """
+    out = Path(args.out)
+    results = hub.eval_results_from_metrics(metrics, task, Path(args.data).name) if metrics else None
+    with staged_output(out) as stage:
+        hub.save_tbn(model, stage, base_model=args.base_model, tokenizer=tokenizer, eval_results=results)
+        if metrics:
+            (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        copy_companions(src, stage)
+    print(format_table(model, max_rows=args.max_rows))
+    print(f"wrote {out} ({model.config.quantization_config.form} form)")
+    return 0
+
+
+def pack_layers(model: PreTrainedModel) -> PreTrainedModel:
+    """:func:`hf_tbn.pack_model` with a progress bar over the layers (shown on a terminal)."""
+    for _, layer in tqdm(list(tbn_layers(model)), desc="pack", unit="layer", disable=None):
+        layer.pack()
+    return pack_model(model)  # records the packed form in the model's TBNConfig
+
+
+# -- commands ---------------------------------------------------------------------------------
+def quantize(args: argparse.Namespace) -> int:
+    src = Path(args.src)
+    check_output(Path(args.out), [src], args.overwrite)
+    config = quantization_for(src, args, "latent")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = model_class(src).from_pretrained(src, quantization_config=_config_from(args, args.form), dtype=dtype)
-    save_tbn(model, out, base_model=args.base_model or str(src))
-    copy_companions(src, out)
-    print(format_table(model, max_rows=args.max_rows))
-    print(f"wrote {out}")
-    return 0
+    model = load(src, dtype=dtype) if config is None else load(src, quantization_config=config, dtype=dtype)
+    if args.form == "packed":
+        pack_layers(model)
+    else:
+        to_latent_model(model)
+    return write_tbn(model, src, args)
 
 
-def cmd_pack(args: argparse.Namespace) -> int:
+def pack(args: argparse.Namespace) -> int:
+    src = Path(args.src)
+    check_output(Path(args.out), [src], args.overwrite)
+    require_tbn(src)
+    return write_tbn(pack_layers(load(src)), src, args)
+
+
+def dequantize(args: argparse.Namespace) -> int:
     src, out = Path(args.src), Path(args.out)
-    model = model_class(src).from_pretrained(src)
-    tbn_config(model)
-    pack_model(model)
-    save_tbn(model, out, base_model=args.base_model)
-    copy_companions(src, out)
-    print(format_table(model, max_rows=args.max_rows))
-    print(f"wrote {out}")
+    check_output(out, [src], args.overwrite)
+    require_tbn(src)
+    model = load(src).dequantize(dtype=getattr(torch, args.dtype) if args.dtype else None)
+    with staged_output(out) as stage:
+        model.save_pretrained(stage)
+        copy_companions(src, stage, skip=["README.md"])  # the TBN card does not describe the dense model
+    print(f"wrote {out} (plain {type(model).__name__}, no TBN layers)")
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def inspect(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
-    model = model_class(folder).from_pretrained(folder)
-    config = tbn_config(model)
+    require_tbn(folder)
+    model = load(folder)
+    config = hub.tbn_config(model)
     print(f"{folder}: {type(model).__name__}, TBN form {config.form}, alpha mode {config.alpha_mode}")
     print(format_table(model, max_rows=args.max_rows))
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    budget = TrainBudget(args.steps, args.batch_size, args.lr, args.max_length, args.seed)
-    print(f"QAT budget: {budget}")
-    out = Path(args.out)
-    model = train(Path(args.src), Path(args.data), out, args.task, _config_from(args, "latent"), budget,
-                  args.text_column, args.label_column)
-    if args.pack:
-        pack_model(model)
-    save_tbn(model, out, base_model=args.src)
-    print(f"wrote {out} ({model.config.quantization_config.form} form)")
+def train(args: argparse.Namespace) -> int:
+    """Parse the train options (``TrainArguments`` + ``TrainingArguments``), fine-tune, write OUT."""
+    from transformers import AutoTokenizer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .demos import train as qat
+
+    parser = train_parser(qat.TrainArguments, TrainingArguments)
+    first, _ = parser.parse_known_args(args.rest)  # OUT decides the default checkpoint folder
+    parser.set_defaults(output_dir=f"{first.out}-checkpoints")
+    own, training, cli = parser.parse_args_into_dataclasses(args.rest)
+    src, data, out, checkpoints = Path(cli.src), Path(cli.data), Path(cli.out), Path(training.output_dir)
+    check_output(out, [src, data, checkpoints], cli.overwrite)
+    check_output(checkpoints, [src], overwrite=True)
+    if not own.resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise UserError(f"{checkpoints}: not empty; pass --resume to continue from its last checkpoint, "
+                        "or choose another --output_dir")
+    config = quantization_for(src, cli, "latent")
+    resume = training.resume_from_checkpoint
+    if own.resume and resume is None:
+        resume = get_last_checkpoint(checkpoints) if checkpoints.is_dir() else None
+        if resume is None:
+            raise UserError(f"--resume: no checkpoint-* folder in {checkpoints}")
+
+    train_set, eval_set = qat.load_data(data, own, training.seed)
+    classify = own.task == "classification"
+    model = qat.load_for_training(src, own.task, config,
+                                  qat.label_names(train_set, own.label_column) if classify else None)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    label_column, names = (own.label_column, qat.model_labels(model)) if classify else (None, None)
+    train_set, eval_set = (None if d is None else qat.tokenize(d, tokenizer, own.max_length, own.text_column,
+                                                              label_column, names) for d in (train_set, eval_set))
+    existed = checkpoints.exists()
+    trainer = qat.make_trainer(model, training, own.task, tokenizer, train_set, eval_set)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if not existed and checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()  # nothing was saved: leave no empty folder behind
+    metrics = qat.evaluate(trainer, own.task) if eval_set is not None else None
+    if metrics:
+        print("evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    if own.pack:
+        pack_layers(model)
+    task = "text-classification" if classify else "text-generation"
+    return write_tbn(model, src, cli, tokenizer, metrics, task)
+
+
+def train_parser(*dataclasses: type) -> argparse.ArgumentParser:
+    """``HfArgumentParser`` over ``dataclasses`` plus SRC DATA OUT, the TBN options and ``--overwrite``."""
+    from transformers import HfArgumentParser
+
+    from .demos.train import QAT_DEFAULTS
+
+    class Parser(OneLineErrors, HfArgumentParser):
+        pass
+
+    parser = Parser(dataclasses, prog="hf-tbn train",
+                    description="QAT fine-tuning with Trainer. SRC is a TBN folder, or a full-precision folder "
+                                "quantized on load with --p etc.; DATA a .csv, .json/.jsonl or .parquet file.")
+    parser.add_argument("src", help="TBN or full-precision transformers model folder")
+    parser.add_argument("data", help="training data: .csv (header line), .json/.jsonl or .parquet")
+    add_output_args(parser)
+    add_config_args(parser)
+    parser.set_defaults(**QAT_DEFAULTS)
+    return parser
+
+
+def demo(args: argparse.Namespace) -> int:
+    from .demos.bbc import DemoBudget, run_demo
+
+    fields = ("compression_factor", "train_steps", "batch_size", "max_length", "eval_examples", "seed")
+    run_demo(Path(args.output_dir), DemoBudget(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None}))
     return 0
 
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    budget = DemoBudget(compression_factor=args.p, max_length=args.max_length, train_steps=args.steps,
-                        batch_size=args.batch_size, eval_examples=args.eval_examples, seed=args.seed)
-    run_demo(Path(args.output_dir), budget)
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register quantize, pack, inspect, train and demo."""
-    q = subparsers.add_parser("quantize", help="convert a full-precision model folder to TBN")
-    q.add_argument("src", help="full-precision transformers model folder")
-    q.add_argument("out", help="output folder")
-    _add_config_args(q)
-    q.add_argument("--form", default="packed", choices=("latent", "packed"), help="saved form (default packed)")
-    q.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the unconverted tensors")
-    q.add_argument("--base-model", help="base model id for the model card (default: SRC)")
-    q.add_argument("--max-rows", type=int, default=20, help="layer rows to print")
-    q.set_defaults(func=cmd_quantize)
-
-    p = subparsers.add_parser("pack", help="latent TBN folder -> packed TBN folder (tiles + scales)")
-    p.add_argument("src")
-    p.add_argument("out")
-    p.add_argument("--base-model", help="base model id for the model card")
-    p.add_argument("--max-rows", type=int, default=20)
-    p.set_defaults(func=cmd_pack)
-
-    i = subparsers.add_parser("inspect", help="per-layer table: shape, p, bytes, bits per weight, totals")
-    i.add_argument("dir")
-    i.add_argument("--max-rows", type=int, default=None, help="layer rows to print (default all)")
-    i.set_defaults(func=cmd_inspect)
-
-    t = subparsers.add_parser("train", help="QAT fine-tuning with Trainer on a local .csv/.jsonl dataset")
-    t.add_argument("src", help="TBN folder, or full-precision folder (quantized on load with --p ...)")
-    t.add_argument("data", help=".csv (with header) or .jsonl file")
-    t.add_argument("out", help="output folder")
-    t.add_argument("--task", default="classification", choices=TASKS)
-    t.add_argument("--text-column", default="text")
-    t.add_argument("--label-column", default="label")
-    t.add_argument("--steps", type=int, default=100)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=5e-4)
-    t.add_argument("--max-length", type=int, default=128)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--pack", action="store_true", help="save the packed form instead of the latent form")
-    _add_config_args(t)
-    t.set_defaults(func=cmd_train)
-
-    d = subparsers.add_parser("demo", help="MiniLM + BBC News, TBN p=4, QAT, pack, save, reload (README main job)")
-    d.add_argument("--output-dir", default="hf-tbn-demo", help="runs go to fresh timestamped folders under it")
-    d.add_argument("--p", type=int, default=DemoBudget.compression_factor)
-    d.add_argument("--steps", type=int, default=DemoBudget.train_steps)
-    d.add_argument("--batch-size", type=int, default=DemoBudget.batch_size)
-    d.add_argument("--max-length", type=int, default=DemoBudget.max_length)
-    d.add_argument("--eval-examples", type=int, help="evaluate on the first N test articles (default all)")
-    d.add_argument("--seed", type=int, default=DemoBudget.seed)
-    d.set_defaults(func=cmd_demo)

@@ -22,7 +22,9 @@ from transformers import (
 )
 
 from hf_tbn import TBNConfig, pack_model
-from hf_tbn.demo import Encoded, accuracy, bbc_news, minilm_dir, predict, split
+from hf_tbn.demos.bbc import bbc_news, split
+from hf_tbn.demos.models import minilm_dir
+from hf_tbn.demos.train import accuracy, predict, tokenize
 
 FACTORS = [None, 1, 2, 4, 8, 16]
 QUICK_FACTORS = [None, 4]

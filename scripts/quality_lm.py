@@ -21,7 +21,7 @@ from results import Task, measure, publish, quality_parser
 from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model
-from hf_tbn.offline import smollm2_dir
+from hf_tbn.demos.models import smollm2_dir
 
 FORTUNES = Path("/usr/share/games/fortunes")
 FACTORS = [None, 1, 2, 4, 8]

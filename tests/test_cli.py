@@ -1,21 +1,30 @@
-"""``hf-tbn`` quantize / pack / inspect / train / demo end to end on small model folders."""
+"""``hf-tbn`` quantize / pack / dequantize / inspect / train / demo end to end on small model folders."""
 
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
-import transformers.utils.hub as hf_hub_utils
-from safetensors import safe_open
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+)
 
-from hf_tbn import TBNConfig, hub, tbn_layers
+from hf_tbn import tbn_layers
 from hf_tbn.cli import main
-from hf_tbn.demo import DemoBudget, fresh_run_dir
+from hf_tbn.version import version
 
 
 @pytest.fixture(scope="module")
@@ -30,55 +39,206 @@ def fp_folder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Pat
     return folder
 
 
-def keys(folder: Path) -> set[str]:
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return set(f.keys())
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 labelled texts as CSV."""
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(40):
+            writer.writerow([("great fun" if i % 2 else "dull and slow") + f" {i}", "pos" if i % 2 else "neg"])
+    return path
 
 
-def test_quantize_pack_inspect(fp_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    latent, packed = tmp_path / "latent", tmp_path / "packed"
+def forms(folder: Path) -> set[tuple[str, int]]:
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    return {(layer.form, layer.compression_factor) for _, layer in tbn_layers(model)}
+
+
+def error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one error line a refused command printed last on stderr (after progress bars, if any)."""
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hf-tbn: error: ") and "Traceback" not in err and err.count("error") == 1, err
+    return last
+
+
+def test_quantize_pack_dequantize_inspect(fp_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    latent, packed, dense = tmp_path / "latent", tmp_path / "packed", tmp_path / "dense"
     assert main(["quantize", str(fp_folder), str(latent), "--form", "latent", "--min-compress-size", "0"]) == 0
-    config = json.loads((latent / "config.json").read_text())["quantization_config"]
-    assert config["form"] == "latent" and config["layer_factors"]["bert.encoder.layer.0.intermediate.dense"] == 4
-    assert "bert.encoder.layer.0.intermediate.dense.weight" in keys(latent)
+    assert forms(latent) == {("latent", 4)}
     assert (latent / "tokenizer.json").is_file()
     card = (latent / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers") and "import hf_tbn" in card and "bits per weight" in card
+    assert card.startswith("---\n") and "import hf_tbn" in card and "bits per weight" in card
 
     assert main(["pack", str(latent), str(packed)]) == 0
-    assert {"bert.encoder.layer.0.intermediate.dense.tile", "bert.encoder.layer.0.intermediate.dense.alpha"} <= keys(
-        packed)
-    assert "bert.encoder.layer.0.intermediate.dense.weight" not in keys(packed)
+    assert forms(packed) == {("packed", 4)}
     capsys.readouterr()
     assert main(["inspect", str(packed)]) == 0
     out = capsys.readouterr().out
     assert "bert.encoder.layer.0.intermediate.dense" in out and "TBN form packed" in out and "fp16/bf16" in out
 
-    with pytest.raises(ValueError, match="not a TBN model"):
-        main(["inspect", str(fp_folder)])
+    assert main(["dequantize", str(packed), str(dense)]) == 0
+    assert "quantization_config" not in json.loads((dense / "config.json").read_text())
+    plain = AutoModelForSequenceClassification.from_pretrained(dense)
+    tbn = AutoModelForSequenceClassification.from_pretrained(packed)
+    ids = torch.randint(0, 30522, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, tbn(input_ids=ids).logits)
+    assert not list(tbn_layers(plain)) and not (dense / "README.md").exists()  # the TBN card stays behind
 
 
-def test_train_from_full_precision_and_from_tbn(fp_folder: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data.csv"
-    with data.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        for i in range(24):
-            writer.writerow([("great fun" if i % 2 else "dull and slow") + f" {i}", "pos" if i % 2 else "neg"])
+def test_quantize_of_a_tbn_folder_keeps_its_plan(fp_folder: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    latent = tmp_path / "latent"
+    assert main(["quantize", str(fp_folder), str(latent), "--form", "latent", "--min-compress-size", "0"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(latent), str(tmp_path / "p8"), "--p", "8"]) == 2
+    assert "compression_factor=4" in error_line(capsys) and not (tmp_path / "p8").exists()
+    assert main(["quantize", str(latent), str(tmp_path / "same"), "--p", "4"]) == 0  # same p: packs
+    assert forms(tmp_path / "same") == {("packed", 4)}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["quantize", "{tmp}/missing", "{tmp}/out"], "missing: no such folder"),
+        (["quantize", "{tmp}/empty", "{tmp}/out"], "no config.json, not a transformers model folder"),
+        (["pack", "{fp}", "{tmp}/out"], "not a TBN folder"),
+        (["inspect", "{fp}"], "not a TBN folder"),
+        (["dequantize", "{fp}", "{tmp}/out"], "not a TBN folder"),
+        (["quantize", "{fp}", "{tmp}/out", "--p", "0"], "compression_factor must be"),
+        (["quantize", "{tmp}/noweights", "{tmp}/out"], "noweights"),
+        (["train", "{fp}", "{tmp}/missing.csv", "{tmp}/out"], "missing.csv: no such data file"),
+        (["train", "{fp}", "{tmp}/data.txt", "{tmp}/out"], "data must be one of"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(fp_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           argv: list[str], message: str) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "data.txt").write_text("text\nhello\n")
+    (tmp_path / "noweights" / "config.json").write_text((fp_folder / "config.json").read_text())
+    assert main([a.format(tmp=tmp_path, fp=fp_folder) for a in argv]) == 2
+    assert message in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_argument_errors_are_one_line_with_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["quantize"], ["quantize", "a", "b", "--p", "x"], ["bogus"], ["inspect", "d", "--nope"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        error_line(capsys)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"hf-tbn {version()}"
+
+
+def test_help_imports_no_command_code() -> None:
+    """``hf-tbn -h`` builds the parser only: no command module, datasets or Trainer is imported."""
+    check = textwrap.dedent("""
+        import sys, hf_tbn
+        before = set(sys.modules)
+        from hf_tbn.cli import main
+        try:
+            main(["-h"])
+        except SystemExit:
+            pass
+        print(sorted(m for m in set(sys.modules) - before if m.startswith(("hf_tbn", "datasets", "transformers"))),
+              file=sys.stderr)
+    """)
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    new = result.stderr.strip().splitlines()[-1]
+    assert "hf_tbn.commands" not in new and "datasets" not in new and "transformers.trainer" not in new, new
+
+
+def test_train_from_full_precision_then_from_tbn(fp_folder: Path, reviews: Path, tmp_path: Path) -> None:
     first = tmp_path / "first"
-    assert main(["train", str(fp_folder), str(data), str(first), "--steps", "3", "--min-compress-size", "0"]) == 0
+    assert main(["train", str(fp_folder), str(reviews), str(first), "--max_steps", "3", "--min-compress-size", "0",
+                 "--per_device_train_batch_size", "4"]) == 0
     model = AutoModelForSequenceClassification.from_pretrained(first)
     assert model.config.quantization_config.form == "latent" and model.config.id2label == {0: "neg", 1: "pos"}
     assert list(tbn_layers(model))
+    metrics = json.loads((first / "eval_results.json").read_text())
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_loss"] > 0
+    assert (tmp_path / "first-checkpoints" / "checkpoint-3").is_dir()  # transformers' default save_strategy
+
+    # From the TBN folder, parquet data, packed output, no checkpoints: no checkpoint folder remains.
+    data = tmp_path / "reviews.parquet"
+    import datasets
+
+    datasets.load_dataset("csv", data_files=str(reviews), split="train").to_parquet(str(data))
     second = tmp_path / "second"
-    assert main(["train", str(first), str(data), str(second), "--steps", "2", "--pack"]) == 0
-    assert AutoModelForSequenceClassification.from_pretrained(second).config.quantization_config.form == "packed"
-    with pytest.raises(ValueError, match="column 'body' missing"):
-        main(["train", str(first), str(data), str(tmp_path / "bad"), "--text-column", "body"])
+    assert main(["train", str(first), str(data), str(second), "--max_steps", "2", "--pack", "--save_strategy", "no",
+                 "--eval_fraction", "0"]) == 0
+    assert forms(second) == {("packed", 4)} and not (second / "eval_results.json").exists()
+    assert not (tmp_path / "second-checkpoints").exists()
 
 
-def test_demo_runs_end_to_end_twice_into_fresh_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_resume_continues_the_last_checkpoint(fp_folder: Path, reviews: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    resumed_from = []
+    train = Trainer.train
+
+    def recording_train(self: Trainer, resume_from_checkpoint: str | None = None, **kwargs: object) -> object:
+        resumed_from.append(resume_from_checkpoint)
+        return train(self, resume_from_checkpoint, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", recording_train)
+    common = ["--min-compress-size", "0", "--per_device_train_batch_size", "4", "--save_steps", "2",
+              "--eval_fraction", "0"]
+    out, checkpoints = tmp_path / "out", tmp_path / "out-checkpoints"
+    assert main(["train", str(fp_folder), str(reviews), str(out), "--max_steps", "2", *common]) == 0
+    capsys.readouterr()
+    # Checkpoints already there: continuing needs --resume (and OUT, not empty now, --overwrite).
+    assert main(["train", str(fp_folder), str(reviews), str(tmp_path / "other"), "--max_steps", "4",
+                 "--output_dir", str(checkpoints), *common]) == 2
+    assert "pass --resume" in error_line(capsys)
+    assert main(["train", str(fp_folder), str(reviews), str(out), "--max_steps", "4", "--resume", "--overwrite",
+                 *common]) == 0
+    assert resumed_from == [None, str(checkpoints / "checkpoint-2")]
+    assert json.loads((checkpoints / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    capsys.readouterr()
+    assert main(["train", str(fp_folder), str(reviews), str(tmp_path / "x"), "--resume",
+                 "--output_dir", str(tmp_path / "none"), *common]) == 2
+    assert "no checkpoint" in error_line(capsys)
+
+
+def test_train_causal_lm_from_jsonl_reports_perplexity(tmp_path: Path, minilm_dir: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "lm"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(src)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(src)
+    data = tmp_path / "lines.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i} comes after line {i - 1}"}) + "\n" for i in range(30)))
+    assert main(["train", str(src), str(data), str(tmp_path / "out"), "--task", "causal-lm", "--max_steps", "2",
+                 "--min-compress-size", "0", "--activation_checkpointing", "--save_strategy", "no"]) == 0
+    metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-5)
+    assert list(tbn_layers(AutoModelForCausalLM.from_pretrained(tmp_path / "out")))
+    assert "eval_perplexity" in capsys.readouterr().out
+
+
+def test_train_refuses_a_missing_column(fp_folder: Path, reviews: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(fp_folder), str(reviews), str(tmp_path / "bad"), "--text_column", "body"]) == 2
+    assert "column 'body' missing" in error_line(capsys)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_demo_runs_end_to_end_into_fresh_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A shrunken budget (the README's default is the full one): same path, every line of the table."""
+    from hf_tbn.demos.bbc import fresh_run_dir
+
     budget = ["--steps", "2", "--max-length", "24", "--batch-size", "4", "--eval-examples", "24"]
     assert main(["demo", "--output-dir", str(tmp_path), *budget]) == 0
     out = capsys.readouterr().out
@@ -88,41 +248,5 @@ def test_demo_runs_end_to_end_twice_into_fresh_folders(tmp_path: Path, capsys: p
     assert "reloaded logits bit-identical to in-memory packed  yes" in out
     runs = sorted(tmp_path.iterdir())
     assert len(runs) == 1 and (runs[0] / "tbn-packed" / "README.md").is_file()
+    assert sorted(p.name for p in runs[0].iterdir()) == ["fp-start", "tbn-packed"]  # no empty Trainer folder
     assert fresh_run_dir(tmp_path) != runs[0]  # a second run in the same second still gets its own folder
-    assert DemoBudget().compression_factor == 4
-
-
-def test_push_to_hub_keeps_the_tbn_card(fp_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The standard ``PreTrainedModel.push_to_hub`` path, with the Hub replaced by a local folder."""
-    remote = tmp_path / "remote"
-    cards: dict[str, str] = {}
-
-    class FakeApi:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            pass
-
-        def create_repo(self, repo_id: str, **kwargs: object) -> object:
-            remote.mkdir(exist_ok=True)
-            return type("Repo", (), {"repo_id": repo_id})()
-
-    def upload(self: object, working_dir: str, repo_id: str, *args: object, **kwargs: object) -> None:
-        for f in Path(working_dir).iterdir():
-            (remote / f.name).write_bytes(f.read_bytes())
-
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
-    monkeypatch.setattr(hf_hub_utils, "hf_api", FakeApi)
-    monkeypatch.setattr(huggingface_hub.ModelCard, "push_to_hub",
-                        lambda self, repo_id, **kw: cards.__setitem__(repo_id, str(self)))
-    monkeypatch.setattr(huggingface_hub.ModelCard, "load",
-                        classmethod(lambda cls, repo_id, **kw: cls(cards[repo_id])))
-    monkeypatch.setattr(hf_hub_utils.PushToHubMixin, "_upload_modified_files", upload)
-
-    model = AutoModelForSequenceClassification.from_pretrained(
-        fp_folder, quantization_config=TBNConfig(min_compress_size=0, form="packed"))
-    hub.push_to_hub(model, "me/tiny-tbn", base_model="tiny-bert")
-    card = (remote / "README.md").read_text()
-    assert "base_model: tiny-bert" in card and "import hf_tbn" in card and "- hf-tbn" in card
-    assert 'from_pretrained("me/tiny-tbn")' in card
-    again = AutoModelForSequenceClassification.from_pretrained(remote)
-    assert again.config.quantization_config.form == "packed" and list(tbn_layers(again))
-

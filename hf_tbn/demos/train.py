@@ -1,0 +1,188 @@
+"""QAT fine-tuning with Trainer: the data, model and Trainer setup shared by ``hf-tbn train`` and the demo.
+
+Data goes through ``datasets`` (one text column, plus a label column for classification);
+models are TBN folders, or full-precision folders quantized on load; training is the latent
+form (docs/huggingface.md, "Train (quantization-aware training)").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from datasets import ClassLabel, Dataset, load_dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    EvalPrediction,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
+
+from hf_tbn import TBNConfig, to_latent_model
+
+Task = Literal["classification", "causal-lm"]
+TASKS: tuple[str, ...] = get_args(Task)
+
+# TrainingArguments defaults for QAT that differ from transformers' own: the latent weights
+# need a larger learning rate than full-precision fine-tuning (docs/quality.md).
+QAT_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "warmup_steps": 0.1, "lr_scheduler_type": "linear"}
+# load_dataset builder of each data file suffix.
+BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class TrainArguments:
+    """``hf-tbn train``'s own options; transformers' ``TrainingArguments`` come beside them."""
+
+    task: Task = field(
+        default="classification", metadata={"help": "sequence classification (text, label) or causal LM (text)"})
+    text_column: str = field(default="text", metadata={"help": "column holding the text"})
+    label_column: str = field(default="label", metadata={"help": "column holding the class (classification)"})
+    validation_file: str | None = field(default=None, metadata={"help": "evaluation data (default: split DATA)"})
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "share of DATA held out for evaluation without --validation_file (0: none)"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example (longer texts are truncated)"})
+    pack: bool = field(default=False, metadata={"help": "save the packed form instead of the latent form"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output_dir"})
+    # The distillation options (a teacher model) are added here and used in make_trainer.
+
+
+def load_data(data: Path, args: TrainArguments, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Training and evaluation data: ``args.validation_file``, else ``args.eval_fraction`` of ``data``."""
+
+    def read(path: Path) -> Dataset:
+        if not path.is_file():
+            raise ValueError(f"{path}: no such data file")
+        if path.suffix not in BUILDERS:
+            raise ValueError(f"{path}: data must be one of {sorted(BUILDERS)}, got {path.suffix!r}")
+        return load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
+
+    train = read(data)
+    evaluation = read(Path(args.validation_file)) if args.validation_file is not None else None
+    columns = [args.text_column, *([args.label_column] if args.task == "classification" else [])]
+    for name, split in ((data, train), (args.validation_file, evaluation)):
+        missing = [c for c in columns if split is not None and c not in split.column_names]
+        if missing:
+            raise ValueError(f"{name}: column {missing[0]!r} missing: the data has columns {split.column_names}")
+    if evaluation is not None or args.eval_fraction <= 0:
+        return train, evaluation
+    parts = train.train_test_split(test_size=args.eval_fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def check_task(task: str) -> str:
+    """``task`` itself, if it is one of :data:`TASKS`."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return task
+
+
+def label_names(data: Dataset, column: str) -> list[str]:
+    """Class names: a ``ClassLabel`` column's own names, otherwise the sorted distinct values."""
+    feature = data.features[column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    return sorted({str(v) for v in data[column]})
+
+
+def tokenize(data: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, text_column: str,
+             label_column: str | None = None, names: list[str] | None = None) -> Dataset:
+    """``input_ids``/``attention_mask``, and ``labels``: the index of each label's name in ``names``."""
+    ids = {name: i for i, name in enumerate(names or [])}
+    feature = data.features[label_column] if label_column is not None else None
+
+    def label_id(value: object) -> int:
+        name = feature.int2str(value) if isinstance(feature, ClassLabel) else str(value)
+        if name not in ids:
+            raise ValueError(f"label {name!r} is not one of the model's labels {names}")
+        return ids[name]
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        out = dict(tokenizer([str(t) for t in batch[text_column]], truncation=True, max_length=max_length))
+        if label_column is not None:
+            out["labels"] = [label_id(y) for y in batch[label_column]]
+        return out
+
+    return data.map(encode, batched=True, remove_columns=data.column_names)
+
+
+def label_config(names: list[str]) -> dict[str, Any]:
+    """The config fields that name the classes (what ``pipeline("text-classification")`` reports)."""
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {name: i for i, name in enumerate(names)}}
+
+
+def load_for_training(src: Path, task: str, config: TBNConfig | None, labels: list[str] | None = None
+                      ) -> PreTrainedModel:
+    """The latent-form model to fine-tune.
+
+    ``config`` None: ``src`` is a TBN folder, loaded as saved (its classes must be the data's
+    ``labels``, in any order, or unnamed and as many). Otherwise ``src`` is full precision and
+    is quantized on load with ``config``, with ``labels`` as its classes.
+    """
+    cls = AutoModelForSequenceClassification if check_task(task) == "classification" else AutoModelForCausalLM
+    if config is not None:
+        return cls.from_pretrained(src, quantization_config=config, **(label_config(labels) if labels else {}))
+    model = to_latent_model(cls.from_pretrained(src))
+    if labels:
+        saved = model_labels(model)
+        if sorted(saved) != sorted(labels):
+            if saved != [f"LABEL_{i}" for i in range(len(labels))]:
+                raise ValueError(f"{src}: the model's classes {saved} are not the data's {labels}")
+            model.config.update(label_config(labels))
+    return model
+
+
+def model_labels(model: PreTrainedModel) -> list[str]:
+    """The model's class names in id order."""
+    return [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose largest logit is the label."""
+    return float((torch.as_tensor(logits).argmax(-1) == torch.as_tensor(labels)).float().mean())
+
+
+def _classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": accuracy(torch.as_tensor(logits), torch.as_tensor(prediction.label_ids))}
+
+
+def make_trainer(model: PreTrainedModel, args: TrainingArguments, task: str, tokenizer: PreTrainedTokenizerBase,
+                 train: Dataset, evaluation: Dataset | None = None) -> Trainer:
+    """Trainer with the task's collator and metrics (accuracy for classification; loss, perplexity after)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    classify = check_task(task) == "classification"
+    collate = DataCollatorWithPadding(tokenizer) if classify else DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    # The distillation option plugs in here: a Trainer whose loss adds the teacher's.
+    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, data_collator=collate,
+                   processing_class=tokenizer, compute_metrics=_classification_metrics if classify else None)
+
+
+def evaluate(trainer: Trainer, task: str) -> dict[str, float]:
+    """``trainer.evaluate()``; for a language model also ``eval_perplexity``, the ``exp`` of the eval loss."""
+    metrics = trainer.evaluate()
+    if check_task(task) == "causal-lm":
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))  # 700: exp stays finite
+    return metrics
+
+
+@torch.no_grad()
+def predict(model: PreTrainedModel, data: Dataset, collate: DataCollatorWithPadding, batch: int = 64) -> torch.Tensor:
+    """Logits for the whole tokenized dataset, in order (any form, packed included; Trainer refuses packed)."""
+    model.eval()
+    rows = data.remove_columns([c for c in data.column_names if c == "labels"])
+    out = [model(**collate([rows[i] for i in range(start, min(start + batch, len(rows)))])).logits
+           for start in range(0, len(rows), batch)]
+    return torch.cat(out)
