@@ -4,9 +4,16 @@ The C source (``tbn_lut.c`` and its block kernel ``tbn_lut_lanes.h``) ships with
 package and is compiled on first use with the system C compiler
 (``$CC``, else ``cc``/``gcc``/``clang``) for the machine it runs on (``-O3 -march=native``,
 OpenMP where the compiler has it), into a cache folder (``$HF_TBN_CACHE``, else
-``~/.cache/hf_tbn``) keyed by the source, the flags, the compiler and the CPU, and loaded with
-ctypes: no Python headers, no torch extension build. When no compiler is found, or the build
-fails, :func:`native_error` says why and the ``"auto"`` backend uses the torch path.
+``$XDG_CACHE_HOME/hf_tbn`` or ``~/.cache/hf_tbn``; an empty variable counts as unset) keyed by the
+source, the flags, the compiler and the CPU, and loaded with ctypes: no Python headers, no torch
+extension build.
+
+The cache is trusted only as far as it is private: the folder is created ``0700``; a folder, library
+or checksum file that another user owns, or that group or others can write, is refused (whoever can
+write it could run code in this process). Each build records the library's size and sha256 beside it
+(written atomically); a library is loaded only when it matches that record, and rebuilt otherwise (a
+truncated or altered file is never mapped). When no compiler is found, the build fails or the cache
+is refused, :func:`native_error` says why and the ``"auto"`` backend uses the torch path.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -36,10 +44,12 @@ class NativeUnavailable(RuntimeError):
     """The CPU kernel could not be built or loaded; the message says why."""
 
 
-def _cache_dir() -> Path:
-    if "HF_TBN_CACHE" in os.environ:
-        return Path(os.environ["HF_TBN_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_tbn"
+def cache_dir() -> Path:
+    """The build cache folder: ``$HF_TBN_CACHE``, else ``$XDG_CACHE_HOME/hf_tbn``, else ``~/.cache/hf_tbn``."""
+    if os.environ.get("HF_TBN_CACHE"):
+        return Path(os.environ["HF_TBN_CACHE"]).absolute()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "hf_tbn"
 
 
 def _compiler() -> str:
@@ -58,35 +68,93 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
+def _check_private(path: Path, what: str) -> None:
+    """NativeUnavailable unless ``path`` belongs to this user and neither group nor others can write it."""
+    info = path.stat()
+    problem = (
+        f"is owned by uid {info.st_uid}, not by this user (uid {os.getuid()})" if info.st_uid != os.getuid()
+        else f"is writable by group or others (mode {stat.S_IMODE(info.st_mode):#o})" if info.st_mode & 0o022
+        else None
+    )
+    if problem:
+        raise NativeUnavailable(
+            f"refusing the kernel {what} {path}: it {problem}; anyone who can write it could run code here. "
+            "Remove it, or set HF_TBN_CACHE to a folder only you can write"
+        )
+
+
+def _private_folder(folder: Path) -> Path:
+    """``folder``, created ``0700`` if missing, checked private (:func:`_check_private`)."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        raise NativeUnavailable(f"cannot create the kernel cache folder {folder}: {err}") from err
+    _check_private(folder, "cache folder")
+    return folder
+
+
+def _record(library: Path) -> Path:
+    """The file holding the size and sha256 of ``library`` as built."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _fingerprint(data: bytes) -> str:
+    return f"{hashlib.sha256(data).hexdigest()} {len(data)}\n"
+
+
+def _matches_build(library: Path) -> bool:
+    """Whether ``library`` is exactly what the last build recorded (size first: nothing truncated is read in full)."""
+    record = _record(library)
+    if not (library.exists() and record.exists()):
+        return False
+    for path, what in ((library, "library"), (record, "checksum file")):
+        _check_private(path, what)
+    expected = record.read_text()
+    fields = expected.split()
+    if len(fields) != 2 or not fields[1].isdigit() or library.stat().st_size != int(fields[1]):
+        return False
+    return _fingerprint(library.read_bytes()) == expected
+
+
 def _build(cc: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Compile into a temporary folder beside ``target``, then move the library and its record into place."""
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         errors = ""
         for extra in (("-fopenmp",), ()):  # OpenMP threads where the compiler has them
             proc = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
             if proc.returncode == 0:
+                record = _record(out)
+                record.write_text(_fingerprint(out.read_bytes()))
                 os.replace(out, target)  # atomic: concurrent builders never load a partial file
+                os.replace(record, _record(target))
                 return
             errors += proc.stderr
         raise NativeUnavailable(f"{cc} could not build {SOURCE.name}:\n{errors[-2000:]}")
 
 
-@functools.cache
-def library() -> ctypes.CDLL:
-    """The compiled kernel, built on first use; :class:`NativeUnavailable` says why it cannot be."""
+def load(folder: Path) -> ctypes.CDLL:
+    """The kernel from the private cache ``folder``, built or rebuilt there unless it matches its last build."""
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     sources = [path.read_text() for path in (SOURCE, *HEADERS)]
     key = hashlib.sha256("\0".join([*sources, *FLAGS, cc, version, _cpu_signature()]).encode())
-    target = _cache_dir() / f"tbn_lut-{key.hexdigest()[:16]}.so"
-    if not target.exists():
+    target = _private_folder(folder) / f"tbn_lut-{key.hexdigest()[:16]}.so"
+    if not _matches_build(target):
         _build(cc, target)
+        if not _matches_build(target):
+            raise NativeUnavailable(f"{target} changed right after it was built (another process writing the cache?)")
     lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.tbn_lut_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int]
     lib.tbn_lut_linear.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The kernel from :func:`cache_dir`, built on first use; :class:`NativeUnavailable` says why it cannot be."""
+    return load(cache_dir())
 
 
 @functools.cache

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +110,23 @@ def run_python(code: str, env: dict[str, str], cwd: Path) -> subprocess.Complete
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
 
 
-def test_without_a_compiler_auto_warns_and_native_says_why(tmp_path: Path) -> None:
+def unusable_setups(tmp_path: Path) -> dict[str, tuple[dict[str, str], str]]:
+    """Environments where the kernel cannot be had -> (environment changes, the reason it gives)."""
+    broken_cc = tmp_path / "broken-cc"
+    broken_cc.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    broken_cc.chmod(0o755)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    return {
+        "no compiler": ({"CC": "", "PATH": str(Path(sys.executable).parent)}, "no C compiler found"),
+        "build fails": ({"CC": str(broken_cc)}, f"{broken_cc} could not build tbn_lut.c:\nbroken compiler"),
+        "shared cache": ({"HF_TBN_CACHE": str(shared)}, f"refusing the kernel cache folder {shared}: it is writable"),
+    }
+
+
+@pytest.mark.parametrize("setup", ["no compiler", "build fails", "shared cache"])
+def test_unusable_kernel_auto_warns_and_native_says_why(setup: str, tmp_path: Path) -> None:
     code = (
         "import torch, hf_tbn\n"
         "layer = hf_tbn.TBNLinear(16, 8, compression_factor=2, name='fc').pack()\n"
@@ -116,11 +134,126 @@ def test_without_a_compiler_auto_warns_and_native_says_why(tmp_path: Path) -> No
         "layer.backend = 'native'\n"
         "try:\n    layer(torch.randn(1, 16))\nexcept ValueError as e:\n    print(e)\n"
     )
-    env = {**os.environ, "CC": "", "PATH": str(Path(sys.executable).parent), "HF_TBN_CACHE": str(tmp_path / "c")}
+    changes, reason = unusable_setups(tmp_path)[setup]
+    env = {**os.environ, "HF_TBN_CACHE": str(tmp_path / "c"), **changes}
     result = run_python(code, env, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "compiled CPU kernel is unavailable" in result.stderr and "no C compiler found" in result.stderr
-    assert "fc: backend='native' (the compiled CPU kernel) no C compiler found" in result.stdout
+    assert "compiled CPU kernel is unavailable" in result.stderr and reason in result.stderr
+    assert f"fc: backend='native' (the compiled CPU kernel) {reason}" in result.stdout
+
+
+def test_row_ranges_outside_the_tile_are_refused_not_read(tmp_path: Path) -> None:
+    """A negative or huge ``row0`` (or ``rows``) would read memory before or after the tile: every launcher refuses it.
+
+    Run in a fresh process (a launcher reading outside the tile may crash it), with Triton interpreted.
+    """
+    code = (
+        "import torch\n"
+        "from hf_tbn.kernels import native, torch_path, triton_tbn\n"
+        "tile, alpha, x = torch.zeros(8, dtype=torch.uint8), torch.ones(2), torch.randn(1, 16)\n"  # 4 rows of 16
+        "for launcher in (native.tile_linear, torch_path.tile_linear, triton_tbn.tile_linear):\n"
+        "    for rows, row0 in ((1, -1), (1, -2**40), (2, 2**40), (1, 2**62), (2, 3), (0, 0), (-1, 2)):\n"
+        "        try:\n"
+        "            launcher(x, tile, alpha, None, rows, row0)\n"
+        "        except ValueError as e:\n"
+        "            print('refused:', e)\n"
+        "    print(launcher(x, tile, alpha, None, 2, 2).shape)\n"  # the last two rows: allowed
+    )
+    result = run_python(code, {**os.environ, "TRITON_INTERPRET": "1"}, tmp_path)
+    assert result.returncode == 0, result.stderr  # a crash (SIGSEGV) gives a negative code
+    refusals = [line for line in result.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refusals) == 3 * 7, result.stdout
+    assert "native tile_linear: row0 must be an int >= 0, got -1" in refusals[0]
+    assert f"tile must be 1-D uint8 holding {(2**40 + 2) * 16} values, got torch.uint8 (8,)" in refusals[2]
+    assert "rows must be an int >= 1, got 0" in refusals[5]
+    assert result.stdout.count("torch.Size([1, 4])") == 3
+
+
+def test_cache_folder_empty_variable_and_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HF_TBN_CACHE", "")  # unset, not the working folder
+    assert native.cache_dir() == tmp_path / "xdg" / "hf_tbn"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TBN_CACHE", "relative")
+    assert native.cache_dir() == tmp_path / "relative"  # absolute: ctypes never searches the library path
+
+
+def built(folder: Path) -> Path:
+    native.load(folder)
+    (library,) = folder.glob("tbn_lut-*.so")
+    return library
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` as a new file at ``path`` (a new inode: a copy this process has mapped stays intact)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(path.stat().st_mode)
+    os.replace(tmp, path)
+
+
+def test_cache_folder_is_private_and_each_build_recorded(tmp_path: Path) -> None:
+    folder = tmp_path / "new" / "cache"
+    library = built(folder)
+    assert folder.stat().st_mode & 0o777 == 0o700
+    digest, size = (folder / f"{library.name}.sha256").read_text().split()
+    assert int(size) == library.stat().st_size and digest == hashlib.sha256(library.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    ["flipped byte", "record missing", "record garbage", "record of another file"],
+)
+def test_library_not_matching_its_build_is_rebuilt(tamper: str, tmp_path: Path) -> None:
+    library = built(tmp_path)
+    record = library.with_name(library.name + ".sha256")
+    good = library.read_bytes()
+    if tamper == "flipped byte":
+        replace_file(library, good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    elif tamper == "record missing":
+        record.unlink()
+    else:
+        replace_file(record, b"nonsense" if tamper == "record garbage" else f"{'0' * 64} {len(good)}\n".encode())
+    native.load(tmp_path)
+    assert library.read_bytes() == good  # rebuilt (the build is deterministic)
+    assert record.read_text().split()[0] == hashlib.sha256(good).hexdigest()
+
+
+def test_truncated_library_is_rebuilt_not_mapped(tmp_path: Path) -> None:
+    """A truncated cached library with its old record: mapped, it would kill the process (SIGBUS)."""
+    library = built(tmp_path)
+    good = library.read_bytes()
+    replace_file(library, good[: len(good) // 3])
+    code = (
+        "import torch\n"
+        "from hf_tbn.kernels import native\n"
+        "print(native.native_error())\n"
+        "ones = torch.full((1,), 255, dtype=torch.uint8)\n"  # one tile row of eight +1
+        "print(native.tile_linear(torch.ones(1, 8), ones, torch.ones(1), None, 1))\n"
+    )
+    result = run_python(code, {**os.environ, "HF_TBN_CACHE": str(tmp_path)}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "None" and "tensor([[8.]])" in result.stdout
+    assert library.read_bytes() == good
+
+
+@pytest.mark.parametrize("what", ["cache folder", "library", "checksum file"])
+@pytest.mark.parametrize("how", ["writable by others", "owned by another user"])
+def test_cache_others_can_write_is_refused(what: str, how: str, tmp_path: Path) -> None:
+    if how == "owned by another user" and os.getuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    library = built(tmp_path)
+    record = library.with_name(library.name + ".sha256")
+    path = {"cache folder": tmp_path, "library": library, "checksum file": record}[what]
+    if how == "owned by another user":
+        os.chown(path, os.getuid() + 4242, -1)
+        expected = f"it is owned by uid {os.getuid() + 4242}, not by this user"
+    else:
+        path.chmod(path.stat().st_mode | 0o002)
+        expected = "it is writable by group or others"
+    refusal = f"refusing the kernel {what} {re.escape(str(path))}: {expected}"
+    with pytest.raises(native.NativeUnavailable, match=refusal):
+        native.load(tmp_path)
 
 
 def test_build_is_cached_per_machine(tmp_path: Path) -> None:
