@@ -9,7 +9,8 @@ layer ``X``, besides ``X.bias``:
 
 Both ``X.weight`` shapes have a different number of dimensions than any dense Linear / Conv
 weight, so transformers without hf_tbn refuses the checkpoint (a size mismatch is an error)
-instead of loading random or un-tiled weights.
+instead of loading random or un-tiled weights; its load report lists the :data:`NEEDS_HF_TBN`
+tensor, whose name says what to do.
 
 transformers' loader reports a wrong shape as a "mismatched key" and fills a missing one with a
 fresh initialisation; for a TBN layer either would give a silently wrong model. Reading only the
@@ -33,6 +34,8 @@ from .convert import logical_weight, relative_name, tbn_layers
 from .tiling import packed_nbytes
 
 FORMAT_VERSION = "2"
+# A one-byte tensor every TBN checkpoint carries: transformers without hf_tbn lists it, and so says what to do.
+NEEDS_HF_TBN = "this checkpoint needs hf-tbn: pip install hf-tbn, then import hf_tbn before from_pretrained"
 FLOATS = ("F32", "F16", "BF16", "F64")
 
 # key -> (shape, dtype name as safetensors writes it, e.g. "F32", "U8")
@@ -43,11 +46,13 @@ _TORCH_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
 
 
 def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` in the checkpoint format: each packed layer's ``tile`` saved as ``weight``."""
+    """``model.state_dict()`` in the checkpoint format: each packed layer's ``tile`` saved as ``weight``, plus the
+    :data:`NEEDS_HF_TBN` marker."""
     state = model.state_dict()
     for name, layer in tbn_layers(model):
         if layer.form == "packed":
             state[f"{name}.weight"] = state.pop(f"{name}.tile")
+    state[NEEDS_HF_TBN] = torch.tensor([int(FORMAT_VERSION)], dtype=torch.uint8)
     return state
 
 
@@ -177,10 +182,12 @@ def model_keyed(model: nn.Module, header: Header) -> ModelKeyedHeader:
     mapping = get_model_conversion_mapping(model) if isinstance(model, PreTrainedModel) else []
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    meta = dict.fromkeys(model.state_dict())
+    meta = dict.fromkeys(model.state_dict(), True)  # transformers tests presence with .get(key) is not None
     prefix = getattr(model, "base_model_prefix", None)
     keyed = ModelKeyedHeader()
     for key, value in header.items():
+        if key == NEEDS_HF_TBN:
+            continue
         module, _, tensor = key.rpartition(".")
         # Rename through the module's weight key: the mapping knows the dense modules, not TBN's tensor names.
         renamed, converted = rename_source_key(f"{module}.weight", renamings, converters, prefix, meta)

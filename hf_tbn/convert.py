@@ -177,7 +177,26 @@ def convert_model(module: nn.Module, config: TBNConfig | None = None) -> nn.Modu
         layer.backend = config.backend
         module.set_submodule(name, layer)
     config.converted_layers = {relative_name(module, name): p for name, p in plan.items()}
+    if not getattr(module, "_hf_tbn_state_check", False):
+        module.register_load_state_dict_pre_hook(_refuse_incomplete_state)
+        module._hf_tbn_state_check = True
     return module
+
+
+def _refuse_incomplete_state(model: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """``load_state_dict`` pre-hook: a whole-model state dict (Trainer resume) must hold every TBN tensor.
+
+    transformers' Trainer resumes with ``strict=False``, which would keep a missing latent weight at its
+    current value with one warning. A state dict of adapter weights only (peft) holds none of the model's
+    own tensors and is let through.
+    """
+    tbn_keys = {f"{prefix}{name}.{key}" for name, layer in tbn_layers(model) for key in layer._state_keys()}
+    others = {f"{prefix}{key}" for key in model.state_dict()} - tbn_keys
+    if any(key in state_dict for key in others | tbn_keys):
+        missing = sorted(tbn_keys - set(state_dict))
+        if missing:
+            raise ValueError(f"{missing[0]}: missing from the state dict; the TBN layer needs it "
+                             f"({len(missing)} TBN tensors missing in all)")
 
 
 def _shared_weights(module: nn.Module) -> set[int]:

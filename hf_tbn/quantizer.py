@@ -27,7 +27,7 @@ from transformers.quantizers.auto import (
 )
 from transformers.quantizers.base import HfQuantizer
 
-from .checkpoint import FORMAT_VERSION, checkpoint_forms, checkpoint_state_dict
+from .checkpoint import FORMAT_VERSION, NEEDS_HF_TBN, checkpoint_forms, checkpoint_state_dict
 from .config import QUANT_METHOD, TBNConfig
 from .convert import convert_model, plan_conversion, relative_name, set_backend, set_form, tbn_layers
 from .version import version
@@ -82,6 +82,8 @@ class TBNHfQuantizer(HfQuantizer):
         self._conv1d = {name for name in plan if isinstance(model.get_submodule(name), Conv1D)}
         forms = checkpoint_forms(model, plan, kwargs.get("checkpoint_files"), config, self._conv1d, self.pre_quantized)
         config.converted_layers = {relative_name(model, name): p for name, p in plan.items() if forms[name] is not None}
+        ignored = model._keys_to_ignore_on_load_unexpected or set()
+        model._keys_to_ignore_on_load_unexpected = {*ignored, re.escape(NEEDS_HF_TBN)}
         convert_model(model, config)
         for name, layer in tbn_layers(model):
             if forms.get(name) == "packed":

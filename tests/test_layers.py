@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from reference import reference_tbn
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -209,3 +210,71 @@ def test_dense_module_dequantizes() -> None:
     x = torch.randn(1, 4, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(dense(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def literal_w_hat(w: torch.Tensor, p: int, alpha: torch.Tensor) -> torch.Tensor:
+    """``alpha_i * t`` with ``t = sign(sum of the p copies)`` and the identity straight-through estimator."""
+    view = w.reshape(p, -1)
+    t = torch.where(view.detach().sum(dim=0) > 0, 1.0, -1.0)
+    return (alpha.unsqueeze(1) * (t + (view - view.detach()))).reshape(w.shape)
+
+
+@pytest.mark.parametrize("param", ["latent", "tensor", "scalars"])
+@pytest.mark.parametrize("p", [1, 4])
+def test_alpha_param_forward_and_gradients_match_the_formula(param: str, p: int) -> None:
+    torch.manual_seed(p)
+    layer = TBNLinear(12, 8, compression_factor=p, alpha_param=param)
+    x = torch.randn(5, 12)
+    w = layer.weight.detach().clone().requires_grad_()
+    if param == "latent":
+        alpha = w.reshape(p, -1).abs().mean(dim=1)
+        sources = {"weight": w}
+    elif param == "tensor":  # the authors' default: mean |A_i| of a separate trainable tensor
+        a = layer.alpha_weight.detach().clone().requires_grad_()
+        alpha = a.reshape(p, -1).abs().mean(dim=1)
+        sources = {"weight": w, "alpha_weight": a}
+    else:
+        alpha = layer.alpha.detach().clone().requires_grad_()
+        sources = {"weight": w, "alpha": alpha}
+    expected = F.linear(x, literal_w_hat(w, p, alpha).reshape(8, 12), layer.bias.detach())
+    grad_out = torch.randn_like(expected)
+    (expected * grad_out).sum().backward()
+    y = layer(x)
+    (y * grad_out).sum().backward()
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    for name, ref in sources.items():
+        torch.testing.assert_close(getattr(layer, name).grad, ref.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("param", ["latent", "tensor", "scalars"])
+def test_alpha_param_state_round_trips_and_packs(param: str) -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 8)
+    layer = tbn_from_dense(dense, 4, "per_tile", "fc", param)
+    expected = {"latent": {"weight"}, "tensor": {"weight", "alpha_weight"}, "scalars": {"weight", "alpha"}}[param]
+    assert set(layer.state_dict()) == expected | {"bias"}
+    torch.testing.assert_close(layer.alpha_values(), tiling.alpha(dense.weight.detach(), 4))  # starts from the weight
+    again = TBNLinear(16, 8, compression_factor=4, alpha_param=param)
+    again.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(again(x), layer(x))
+        latent = layer(x)
+        packed = layer.pack()(x)
+        torch.testing.assert_close(packed, latent, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.to_latent()(x), packed, rtol=1e-6, atol=1e-7)  # alphas: mean of L equal values
+
+
+def test_latent_eval_reuses_w_hat_until_the_weights_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = TBNLinear(32, 16, compression_factor=4)
+    calls = []
+    original = tiling.tiled_weight
+    monkeypatch.setattr(tiling, "tiled_weight", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer(x), first) and len(calls) == 1  # evaluation: built once
+        layer.weight.add_(0.5)  # an optimizer step changes the weight in place
+        assert not torch.equal(layer(x), first) and len(calls) == 2
+    layer(x).sum().backward()  # training: rebuilt on every forward, with its gradient
+    assert len(calls) == 3 and layer.weight.grad is not None
