@@ -1,4 +1,4 @@
-"""A test-local TBN reference written literally from DESIGN.md section 1, independent of hf_tbn."""
+"""A test-local TBN reference written literally from the steps in docs/foundation.md, independent of hf_tbn."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unit tests of hf_tbn.tiling against the paper's formulas (DESIGN.md section 1)."""
+"""Unit tests of hf_tbn.tiling against the paper's formulas (docs/foundation.md)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_gradient_matches_reference_and_formula(p: int, mode: str) -> None:
     (reference_tbn(w, p, mode)[2] * g).sum().backward()
     torch.testing.assert_close(ours, w.grad, rtol=1e-6, atol=1e-7)
 
-    # The closed form of DESIGN.md step 6: alpha_i G_ij + sign(W_ij) * sum_k G_ik t_k / L.
+    # The closed form of docs/foundation.md, step 6: alpha_i G_ij + sign(W_ij) * sum_k G_ik t_k / L.
     wv, gv = w.detach().reshape(p, -1), g.reshape(p, -1)
     t = tiling.aggregate_sign(w.detach(), p)
     length = wv.shape[1]
