@@ -20,6 +20,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
+    pipeline,
 )
 
 from hf_tbn import tbn_layers
@@ -29,14 +30,25 @@ from hf_tbn.version import version
 
 @pytest.fixture(scope="module")
 def fp_folder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
-    """A tiny BERT classifier with MiniLM's tokenizer, saved as a full-precision folder."""
+    """A tiny BERT classifier with MiniLM's tokenizer, a license, a module subfolder and an ONNX export."""
     folder = tmp_path_factory.mktemp("cli") / "fp"
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                      intermediate_size=64, num_labels=2)
     BertForSequenceClassification(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(folder)
+    (folder / "LICENSE").write_text("license text")
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 32}')
+    (folder / "onnx").mkdir()
+    (folder / "onnx" / "model.onnx").write_bytes(b"full-precision export")
     return folder
+
+
+def check_companions(out: Path) -> None:
+    """The source's other files came along; its full-precision export did not."""
+    assert (out / "LICENSE").read_text() == "license text" and (out / "1_Pooling" / "config.json").is_file()
+    assert (out / "tokenizer.json").is_file() and not (out / "onnx").exists()
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +80,13 @@ def test_quantize_pack_dequantize_inspect(fp_folder: Path, tmp_path: Path, capsy
     latent, packed, dense = tmp_path / "latent", tmp_path / "packed", tmp_path / "dense"
     assert main(["quantize", str(fp_folder), str(latent), "--form", "latent", "--min-compress-size", "0"]) == 0
     assert forms(latent) == {("latent", 4)}
-    assert (latent / "tokenizer.json").is_file()
+    check_companions(latent)
     card = (latent / "README.md").read_text()
     assert card.startswith("---\n") and "import hf_tbn" in card and "bits per weight" in card
 
     assert main(["pack", str(latent), str(packed)]) == 0
     assert forms(packed) == {("packed", 4)}
+    check_companions(packed)
     capsys.readouterr()
     assert main(["inspect", str(packed)]) == 0
     out = capsys.readouterr().out
@@ -165,6 +178,7 @@ def test_train_from_full_precision_then_from_tbn(fp_folder: Path, reviews: Path,
     model = AutoModelForSequenceClassification.from_pretrained(first)
     assert model.config.quantization_config.form == "latent" and model.config.id2label == {0: "neg", 1: "pos"}
     assert list(tbn_layers(model))
+    check_companions(first)
     metrics = json.loads((first / "eval_results.json").read_text())
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_loss"] > 0
     assert (tmp_path / "first-checkpoints" / "checkpoint-3").is_dir()  # transformers' default save_strategy
@@ -249,4 +263,7 @@ def test_demo_runs_end_to_end_into_fresh_folders(tmp_path: Path, capsys: pytest.
     runs = sorted(tmp_path.iterdir())
     assert len(runs) == 1 and (runs[0] / "tbn-packed" / "README.md").is_file()
     assert sorted(p.name for p in runs[0].iterdir()) == ["fp-start", "tbn-packed"]  # no empty Trainer folder
+    classify = pipeline("text-classification", model=str(runs[0] / "tbn-packed"), device="cpu")
+    answer = classify("Shares in the bank rose after its profits beat forecasts.", top_k=None)
+    assert sorted(a["label"] for a in answer) == ["business", "entertainment", "politics", "sports", "tech"]
     assert fresh_run_dir(tmp_path) != runs[0]  # a second run in the same second still gets its own folder
