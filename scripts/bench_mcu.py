@@ -227,7 +227,7 @@ def cmsis_program(model: nn.Module, input_shape: tuple[int, ...], calib: torch.T
         if f.name.startswith("tbn_") and f.suffix in (".c", ".ld", ".h"):
             (directory / f.name).write_bytes(f.read_bytes())
     library = tuple(sorted(p for d in CMSIS_DIRS for p in (cmsis / "Source" / d).glob("*.c")
-                           if re.search(r"_s8|q7_to_q15|s8_to_s16", p.name) and "s16" not in p.stem.split("_s8")[-1]))
+                           if re.search(r"_s8|q7_to_q15", p.name)))
     flags = (f"-I{cmsis / 'Include'}",)
     prog = tc.Program(directory, "cmsis_model", (directory / "cmsis_model.c",), n_in, n_out, library, flags)
     return prog, weight_bytes
