@@ -24,7 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel
+
+from .qat import TBNTrainer
 
 IGNORE_INDEX = -100
 
@@ -164,14 +166,14 @@ def position_mask(inputs: dict[str, Any], leading_shape: torch.Size) -> torch.Te
     return None
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(TBNTrainer):
     """``Trainer`` whose loss adds distillation from a full-precision teacher (see the module docstring).
 
     Args:
         teacher: the teacher model, its folder or Hub id; ``None``: the checkpoint the student was loaded from
             (:func:`load_teacher`). Loaded once, frozen, in eval mode, on the student's device and dtype.
         distill: weights, temperature and schedule; the default is :class:`DistillConfig`'s.
-        *args, **kwargs: as for ``Trainer``.
+        *args, **kwargs: as for ``Trainer``, and ``warmup`` (:class:`hf_tbn.qat.TBNTrainer`).
 
     Works under ``accelerate launch`` (DDP): each process runs its own teacher copy on its own batch.
     """

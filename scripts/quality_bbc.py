@@ -1,33 +1,37 @@
 """BBC News topic classification fine-tuned from pretrained all-MiniLM-L6-v2, fp vs binary vs TBN.
 
 The TBN variants load through ``from_pretrained(..., quantization_config=TBNConfig(p))`` and
-fine-tune with Trainer (quantization-aware training); all variants share data, budget and seed.
+fine-tune with Trainer (quantization-aware training); all variants share data, budget and seeds.
+A variant is ``fp`` or ``P`` (TBN with p = P), optionally followed by ``+warmup`` (the dense-to-
+tiled warm-up of hf_tbn.qat) and ``+distill`` (DistillationTrainer, teacher: the fp variant
+fine-tuned with the same seed, so ``fp`` must come first). ``--validation`` scores on a
+validation split taken from the training articles (for choosing settings; the test articles are
+not used at all), otherwise on the test split.
 
     .venv/bin/python scripts/quality_bbc.py                          # full budget, writes docs/
+    .venv/bin/python scripts/quality_bbc.py --validation --variants fp,8,8+warmup --seeds 1
     .venv/bin/python scripts/quality_bbc.py --quick --out /tmp/q     # CI smoke run
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
-from results import Task, measure, publish, quality_parser
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
-)
+from results import Task, measure, over_seeds, parse_variant, publish, quality_parser
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model
 from hf_tbn.demos.bbc import bbc_news, split
 from hf_tbn.demos.models import minilm_dir
-from hf_tbn.demos.train import accuracy, predict, tokenize
+from hf_tbn.demos.train import accuracy, label_config, predict, tokenize
+from hf_tbn.distill import DistillationTrainer, DistillConfig
+from hf_tbn.qat import DEFAULT_WARMUP, TBNTrainer
 
-FACTORS = [None, 1, 2, 4, 8, 16]
-QUICK_FACTORS = [None, 4]
+VARIANTS = "fp,1,2,4,8,16,4+warmup,8+warmup,16+warmup"
+QUICK_VARIANTS = "fp,4+warmup+distill"
+VALIDATION_FRACTION = 0.15
 
 
 def main() -> None:
@@ -35,48 +39,86 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--max-length", type=int, default=64, help="tokens per article")
+    parser.add_argument("--variants", help=f"comma-separated (default {VARIANTS})")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: --seed)")
+    parser.add_argument("--validation", action="store_true", help="score on a validation split of the training data")
+    parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")
+    parser.add_argument("--kl-weight", type=float, default=DistillConfig.kl_weight)
+    parser.add_argument("--temperature", type=float, default=DistillConfig.temperature)
+    parser.add_argument("--kl-start", type=float, default=DistillConfig.kl_start)
+    parser.add_argument("--kl-ramp", type=float, default=DistillConfig.kl_ramp)
     args = parser.parse_args()
+    variants = [v for v in (args.variants or (QUICK_VARIANTS if args.quick else VARIANTS)).split(",") if v]
+    plan = [parse_variant(v) for v in variants]
+    if any(distill for _, _, distill in plan) and variants[0] != "fp":
+        raise ValueError("a +distill variant needs the fp variant first (its teacher)")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    distill = DistillConfig(kl_weight=args.kl_weight, temperature=args.temperature, kl_start=args.kl_start,
+                            kl_ramp=args.kl_ramp)
+    split_name = "validation" if args.validation else "test"
+    metric = f"{split_name} accuracy %"
     budget = {"epochs": 0.05 if args.quick else args.epochs, "batch_size": 16,
-              "max_length": 32 if args.quick else args.max_length,
-              "lr": args.lr, "scheduler": "linear, 10% warm-up", "seed": args.seed, "test_fraction": 0.2}
+              "max_length": 32 if args.quick else args.max_length, "lr": args.lr,
+              "scheduler": "linear, 10% warm-up", "seeds": seeds, "test_fraction": 0.2,
+              "warmup": args.warmup, "distill": vars(distill) if any(d for _, _, d in plan) else None}
+    if args.validation:
+        budget["validation_fraction_of_train"] = VALIDATION_FRACTION
 
-    texts, labels = bbc_news()
-    train_idx, test_idx = split(len(texts), budget["test_fraction"], args.seed)
-    if args.quick:
-        train_idx, test_idx = train_idx[:64], test_idx[:32]
+    data = bbc_news()
+    names = data.features["label"].names
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-
-    def encode(idx: list[int]) -> Encoded:
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=budget["max_length"])
-        return Encoded({k: list(v) for k, v in enc.items()}, [labels[i] for i in idx])
-
-    train, test = encode(train_idx), encode(test_idx)
     collate = DataCollatorWithPadding(tokenizer)
-    budget.update(train_articles=len(train), test_articles=len(test))
+    results: dict[str, list] = {v: [] for v in variants}
+    for seed in seeds:
+        train_idx, test_idx = split(len(data), budget["test_fraction"], seed)
+        if args.validation:
+            n_val = round(VALIDATION_FRACTION * len(train_idx))
+            test_idx, train_idx = train_idx[:n_val], train_idx[n_val:]
+        if args.quick:
+            train_idx, test_idx = train_idx[:64], test_idx[:32]
+        train, scored = (tokenize(data.select(idx), tokenizer, budget["max_length"], "text", "label", names)
+                         for idx in (train_idx, test_idx))
+        budget.update(train_articles=len(train), scored_articles=len(scored))
+        teacher = None
+        for variant, (p, warmup, use_teacher) in zip(variants, plan, strict=True):
+            torch.manual_seed(seed)  # the same classification head for every variant
+            extra = {} if p is None else {"quantization_config": TBNConfig(compression_factor=p)}
+            model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **label_config(names), **extra)
+            targs = TrainingArguments(
+                output_dir=str(args.out / "trainer-tmp"), num_train_epochs=budget["epochs"],
+                per_device_train_batch_size=budget["batch_size"], learning_rate=args.lr, warmup_steps=0.1,
+                lr_scheduler_type="linear", save_strategy="no", report_to="none", use_cpu=True, seed=seed,
+                data_seed=seed, logging_strategy="no", disable_tqdm=True,
+            )
+            common = {"model": model, "args": targs, "train_dataset": train, "data_collator": collate,
+                      "warmup": args.warmup if warmup else 0.0}
+            start = time.time()
+            if use_teacher:
+                DistillationTrainer(**common, teacher=teacher, distill=distill).train()
+            else:
+                TBNTrainer(**common).train()
+            seconds = time.time() - start
+            if p is None:
+                teacher = model
+            else:
+                pack_model(model)
+            acc = 100 * accuracy(predict(model, scored, collate), scored["labels"])
+            results[variant].append(measure(f"p={variant}" if p is not None else None, model, {metric: acc}, seconds))
+            print(f"bbc {variant} seed {seed}: {split_name} accuracy {acc:.2f}%  "
+                  f"bits/weight {results[variant][-1].bits_converted:.3f}  {seconds:.0f}s", flush=True)
+            last = seed == seeds[-1] and variant == variants[-1]
+            publish_rows(args.validation, metric, budget, [over_seeds(r, metric) for r in results.values() if r],
+                         args.out, last)
 
-    rows = []
-    for p in QUICK_FACTORS if args.quick else FACTORS:
-        torch.manual_seed(args.seed)  # the same classification head for every variant
-        extra = {} if p is None else {"quantization_config": TBNConfig(compression_factor=p)}
-        model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=5, **extra)
-        targs = TrainingArguments(
-            output_dir=str(args.out / "trainer-tmp"), num_train_epochs=budget["epochs"],
-            per_device_train_batch_size=budget["batch_size"], learning_rate=args.lr, warmup_steps=0.1,
-            lr_scheduler_type="linear", save_strategy="no", report_to="none", use_cpu=True, seed=args.seed,
-            data_seed=args.seed, logging_strategy="no", disable_tqdm=True,
-        )
-        start = time.time()
-        Trainer(model=model, args=targs, train_dataset=train, data_collator=collate).train()
-        seconds = time.time() - start
-        if p is not None:
-            pack_model(model)
-        acc = accuracy(predict(model, test, collate), test)
-        rows.append(measure(p, model, {"test accuracy %": 100 * acc}, seconds))
-        print(f"bbc {rows[-1].variant}: accuracy {100 * acc:.2f}%  bits/weight {rows[-1].bits_converted:.3f}  "
-              f"{seconds:.0f}s", flush=True)
-    publish(Task("bbc", "BBC News, all-MiniLM-L6-v2 fine-tuned (Trainer)", "test accuracy %", True, budget, rows,
+
+def publish_rows(validation: bool, metric: str, budget: dict, rows: list, out: Path, show: bool) -> None:
+    """Store the rows measured so far (results appear as they come; a stopped run keeps them)."""
+    title = "BBC News, all-MiniLM-L6-v2 fine-tuned (Trainer)" + (": validation split" if validation else "")
+    publish(Task("bbc-validation" if validation else "bbc", title, metric, True, budget, rows,
                  notes="Converted: every encoder Linear (all above min_compress_size = 64,000 weights); "
-                       "embeddings, LayerNorms and the classification head stay full precision."), args.out)
+                       "embeddings, LayerNorms and the classification head stay full precision. +warmup: "
+                       "hf_tbn.qat.QuantizationWarmup; +distill: hf_tbn.distill.DistillationTrainer, teacher = "
+                       "the fp row's model fine-tuned with the same seed (docs/distillation.md)."), out, show)
 
 
 if __name__ == "__main__":

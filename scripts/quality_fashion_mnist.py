@@ -15,11 +15,11 @@ import time
 from collections import OrderedDict
 
 import torch
-from hf_tbn.demos.fashion_mnist import load_fashion_mnist, predict, train
 from results import Task, measure, publish, quality_parser
 from torch import nn
 
 from hf_tbn import TBNConfig, convert_model, pack_model
+from hf_tbn.demos.fashion_mnist import load_fashion_mnist, predict, train
 
 FACTORS = [None, 1, 2, 4, 8, 16]
 

@@ -3,7 +3,11 @@
 Held-out perplexity of the pretrained full-precision model, of each TBN variant right after
 conversion (no training) and after quantization-aware fine-tuning with Trainer; the
 full-precision model gets the same fine-tuning budget. Fortunes are shuffled with the seed and
-5% are held out; both splits are cut into blocks of ``block`` tokens.
+5% are held out; both splits are cut into blocks of ``--block`` tokens. Variants as in
+quality_bbc.py: ``fp``, ``P``, ``P+warmup``, ``P+distill`` (teacher: the pretrained checkpoint,
+hf_tbn.distill.load_teacher's default). The perplexity is also measured at the fractions
+``--eval-at`` of the run (a perplexity-against-tokens curve). ``--validation`` scores on blocks
+taken from the end of the training split instead of the held-out fortunes.
 
     .venv/bin/python scripts/quality_lm.py                         # full budget, writes docs/
     .venv/bin/python scripts/quality_lm.py --quick --out /tmp/q    # CI smoke run
@@ -17,14 +21,21 @@ import time
 from pathlib import Path
 
 import torch
-from results import Task, measure, publish, quality_parser
-from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments
+from results import Task, measure, parse_variant, publish, quality_parser
+from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model
 from hf_tbn.demos.models import smollm2_dir
+from hf_tbn.distill import DistillationTrainer, DistillConfig
+from hf_tbn.qat import DEFAULT_WARMUP, TBNTrainer
 
 FORTUNES = Path("/usr/share/games/fortunes")
-FACTORS = [None, 1, 2, 4, 8]
+VARIANTS = "fp,1,2,4,8,4+distill,4+warmup+distill,8+warmup+distill"
+QUICK_VARIANTS = "fp,4+warmup+distill"
+NOTES = ("'before' is the model as loaded (for TBN: right after conversion, no training); 'after N tokens': the same "
+         "run scored part-way (its learning rate not yet annealed). Converted: every decoder Linear; the tied "
+         "embeddings / lm_head stay full precision. +warmup: hf_tbn.qat.QuantizationWarmup; +distill: "
+         "hf_tbn.distill.DistillationTrainer, teacher = the pretrained checkpoint (docs/distillation.md).")
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -67,24 +78,57 @@ def perplexity(model: LlamaForCausalLM, data: Blocks, batch: int = 8) -> float:
     return math.exp(total / count)
 
 
+class PerplexityAt(TrainerCallback):
+    """Held-out perplexity after the given optimizer steps (the model is put back in training mode)."""
+
+    def __init__(self, data: Blocks, steps: list[int]) -> None:
+        self.data, self.steps, self.curve = data, set(steps), {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs) -> None:  # noqa: ANN001, ANN003
+        if state.global_step in self.steps:
+            self.curve[state.global_step] = perplexity(model, self.data)
+            model.train()
+
+
 def main() -> None:
     parser = quality_parser(__doc__)
     parser.add_argument("--cache", type=Path, default=Path("outputs/smollm2"), help="plain HF copy of SmolLM2")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=4, help="blocks of 128 tokens per step")
+    parser.add_argument("--batch", type=int, default=4, help="blocks per step")
+    parser.add_argument("--block", type=int, default=128, help="tokens per block")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-blocks", type=int, default=64)
+    parser.add_argument("--eval-at", default="0.25,0.5", help="fractions of the run, besides its end, to score at")
+    parser.add_argument("--variants", help=f"comma-separated (default {VARIANTS})")
+    parser.add_argument("--validation", action="store_true", help="score on blocks taken from the training split")
+    parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")
+    parser.add_argument("--kl-weight", type=float, default=DistillConfig.kl_weight)
+    parser.add_argument("--task-weight", type=float, default=DistillConfig.task_weight)
+    parser.add_argument("--temperature", type=float, default=DistillConfig.temperature)
+    parser.add_argument("--hidden-weight", type=float, default=DistillConfig.hidden_weight)
     args = parser.parse_args()
+    variants = [v for v in (args.variants or (QUICK_VARIANTS if args.quick else VARIANTS)).split(",") if v]
+    plan = [parse_variant(v) for v in variants]
+    distill = DistillConfig(kl_weight=args.kl_weight, task_weight=args.task_weight, temperature=args.temperature,
+                            hidden_weight=args.hidden_weight)
     model_dir = smollm2_dir(args.cache)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    block = 32 if args.quick else 128
+    block = 32 if args.quick else args.block
     train, test = fortunes(tokenizer, block, args.seed)
-    test = Blocks(test.ids[: 4 if args.quick else args.eval_blocks])
+    n_eval = 4 if args.quick else args.eval_blocks
+    if args.validation:
+        train, test = Blocks(train.ids[:-n_eval]), Blocks(train.ids[-n_eval:])
+    test = Blocks(test.ids[:n_eval])
     steps = 2 if args.quick else args.steps
+    checkpoints = sorted({max(1, round(float(f) * steps)) for f in args.eval_at.split(",") if f} - {steps})
+    split_name = "validation" if args.validation else "held-out"
     budget = {"steps": steps, "batch_size": args.batch, "block_tokens": block, "lr": args.lr, "scheduler": "cosine",
-              "optimizer": "AdamW", "seed": args.seed, "train_blocks": len(train), "eval_tokens": test.ids.numel()}
+              "optimizer": "AdamW", "seed": args.seed, "train_blocks": len(train), "eval_tokens": test.ids.numel(),
+              "scored_on": split_name, "warmup": args.warmup,
+              "distill": vars(distill) if any(d for _, _, d in plan) else None}
+    tokens_per_step = args.batch * block
     rows = []
-    for p in [None, 4] if args.quick else FACTORS:
+    for variant, (p, warmup, use_teacher) in zip(variants, plan, strict=True):
         extra = {} if p is None else {"quantization_config": TBNConfig(compression_factor=p)}
         model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
         before = perplexity(model, test)
@@ -94,20 +138,28 @@ def main() -> None:
             report_to="none", use_cpu=True, seed=args.seed, data_seed=args.seed, logging_steps=10,
             disable_tqdm=True,
         )
+        curve = PerplexityAt(test, checkpoints)
+        common = {"model": model, "args": targs, "train_dataset": train, "callbacks": [curve],
+                  "warmup": args.warmup if warmup else 0.0}
         start = time.time()
-        Trainer(model=model, args=targs, train_dataset=train).train()
+        if use_teacher:
+            DistillationTrainer(**common, distill=distill).train()
+        else:
+            TBNTrainer(**common).train()
         seconds = time.time() - start
         if p is not None:
             pack_model(model)
         after = perplexity(model, test)
-        rows.append(measure(p, model, {"perplexity after fine-tuning": after, "perplexity before": before}, seconds))
-        print(f"lm {rows[-1].variant}: ppl before {before:.1f} after {after:.1f} "
-              f"bits/weight {rows[-1].bits_converted:.3f} {seconds:.0f}s", flush=True)
+        metrics = {"perplexity after fine-tuning": after, "perplexity before": before}
+        metrics.update({f"after {s * tokens_per_step} tokens": curve.curve[s] for s in checkpoints})
+        rows.append(measure(f"p={variant}" if p is not None else None, model, metrics, seconds))
+        print(f"lm {variant}: ppl before {before:.1f} after {after:.1f} ({steps * tokens_per_step} tokens) "
+              + " ".join(f"{s * tokens_per_step} tok {curve.curve[s]:.1f}" for s in checkpoints)
+              + f" bits/weight {rows[-1].bits_converted:.3f} {seconds:.0f}s", flush=True)
         del model
-    publish(Task("lm", "SmolLM2-135M on fortunes: held-out perplexity", "perplexity after fine-tuning", False,
-                 budget, rows, notes="'before' is the model as loaded (for TBN: right after conversion, no "
-                 "training). Converted: every decoder Linear; the tied embeddings / lm_head stay full precision."),
-            args.out)
+        title = f"SmolLM2-135M on fortunes: {split_name} perplexity"
+        publish(Task("lm-validation" if args.validation else "lm", title, "perplexity after fine-tuning", False,
+                     budget, rows, notes=NOTES), args.out, variant == variants[-1])
 
 
 if __name__ == "__main__":

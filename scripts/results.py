@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,7 @@ class Row:
     bits_model: float
     checkpoint_bytes: int
     train_seconds: float
-    layer_factors: dict[str, int] = field(default_factory=dict)
+    converted_layers: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,11 +61,40 @@ def quality_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def measure(p: int | None, model: nn.Module, metrics: dict[str, float], seconds: float) -> Row:
-    """The row of variant ``p`` (None: full precision) for a trained model in the form it is saved."""
+def parse_variant(variant: str) -> tuple[int | None, bool, bool]:
+    """A variant of the Trainer-based scripts: ``fp`` or ``P`` (TBN p = P), then optionally ``+warmup``
+    (hf_tbn.qat's dense-to-tiled warm-up) and ``+distill`` (hf_tbn.distill).
+
+    ``"8+warmup+distill"`` -> (8, True, True); ``"fp"`` -> (None, False, False).
+    """
+    base, *options = variant.split("+")
+    unknown = set(options) - {"warmup", "distill"}
+    if unknown or (base != "fp" and not base.isdigit()) or (base == "fp" and options):
+        raise ValueError(f"variant {variant!r}: expected fp or P[+warmup][+distill], e.g. 8+warmup")
+    return (None if base == "fp" else int(base)), "warmup" in options, "distill" in options
+
+
+def measure(p: int | str | None, model: nn.Module, metrics: dict[str, float], seconds: float) -> Row:
+    """The row of variant ``p`` (None: full precision; a string: the variant's label) for a trained model
+    in the form it is saved."""
     bits_converted, bits_model, ckpt = size_report(model)
     factors = {name: layer.compression_factor for name, layer in tbn_layers(model)}
-    return Row("fp" if p is None else f"p={p}", metrics, bits_converted, bits_model, ckpt, seconds, factors)
+    label = p if isinstance(p, str) else "fp" if p is None else f"p={p}"
+    return Row(label, metrics, bits_converted, bits_model, ckpt, seconds, factors)
+
+
+def over_seeds(rows: Sequence[Row], metric: str) -> Row:
+    """One row for the same variant run with several seeds: ``metric`` becomes the mean, with its
+    standard deviation, worst and best seed beside it (worst: lowest for accuracy-like metrics
+    named with ``%``, else highest); the other metrics and the train seconds are means."""
+    values = [r.metrics[metric] for r in rows]
+    higher_is_better = "%" in metric
+    metrics = {name: statistics.fmean(r.metrics[name] for r in rows) for name in rows[0].metrics}
+    metrics.update({f"{metric} std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "worst seed": min(values) if higher_is_better else max(values), "seeds": float(len(values))})
+    first = rows[0]
+    return Row(first.variant, metrics, first.bits_converted, first.bits_model, first.checkpoint_bytes,
+               statistics.fmean(r.train_seconds for r in rows), first.converted_layers)
 
 
 def size_report(model: nn.Module) -> tuple[float, float, int]:
@@ -100,9 +130,13 @@ def format_table(task: Task) -> str:
     return "\n".join(lines)
 
 
-def publish(task: Task, out: Path = DOCS) -> None:
-    """Print the task's table, store it and regenerate results.md and the plots under ``out``."""
-    print(f"\n{task.title}\nbudget: {json.dumps(task.budget)}\n{format_table(task)}")
+def publish(task: Task, out: Path = DOCS, show: bool = True) -> None:
+    """Store the task's rows and regenerate results.md and the plots under ``out``; ``show``: print the table.
+
+    Scripts publish after every variant (a stopped run keeps what it measured) and show the table once, at the end.
+    """
+    if show:
+        print(f"\n{task.title}\nbudget: {json.dumps(task.budget)}\n{format_table(task)}")
     store = out / "results"
     store.mkdir(parents=True, exist_ok=True)
     (store / f"{task.name}.json").write_text(json.dumps(asdict(task), indent=1) + "\n")

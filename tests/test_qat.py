@@ -1,0 +1,104 @@
+"""The dense-to-tiled warm-up of hf_tbn.qat: the blended forward, its schedule, and Trainer runs with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_distill import Tokens, targs
+from torch import nn
+from transformers import LlamaForCausalLM, Trainer
+
+from hf_tbn import TBNConfig, TBNConv2d, TBNLinear, convert_model, tbn_layers
+from hf_tbn.qat import QuantizationWarmup, TBNTrainer, set_blend
+
+
+def literal_w_hat(w: torch.Tensor, p: int) -> torch.Tensor:
+    """W_hat written out: tile = sign of the sum over the p row blocks (0 -> -1), scales mean |W_i|."""
+    rows = w.reshape(p, -1)
+    tile = torch.where(rows.sum(0) > 0, 1.0, -1.0)
+    return (rows.abs().mean(1, keepdim=True) * tile).reshape(w.shape)
+
+
+@pytest.mark.parametrize("blend", [0.0, 0.3, 1.0])
+def test_blended_linear_forward_and_gradient(blend: float) -> None:
+    torch.manual_seed(0)
+    layer = TBNLinear(12, 8, compression_factor=4)
+    model = nn.Sequential(layer)
+    x = torch.randn(5, 12)
+    set_blend(model, blend)
+    y = model(x)
+    w = layer.weight.detach().reshape(layer.weight_shape)  # the latent weight may be held in the tiled view
+    w_used = blend * literal_w_hat(w, 4) + (1 - blend) * w
+    torch.testing.assert_close(y, F.linear(x, w_used, layer.bias), rtol=1e-5, atol=1e-6)
+    # The tile's straight-through gradient is the identity, so dL/dW = blend * STE part + (1 - blend) * dense part:
+    # for L = sum(y * g) the sign part gives blend * (x^T g) plus the scales' gradient, checked through autograd.
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    w_ref = w.clone().requires_grad_(True)
+    rows = w_ref.reshape(4, -1)
+    tile = torch.where(rows.detach().sum(0) > 0, 1.0, -1.0)
+    ste = (rows - rows.detach()) + tile  # value tile, gradient identity
+    w_hat = (rows.abs().mean(1, keepdim=True) * ste).reshape(w.shape)
+    (F.linear(x, blend * w_hat + (1 - blend) * w_ref, layer.bias.detach()) * g).sum().backward()
+    torch.testing.assert_close(layer.weight.grad.reshape(w.shape), w_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_blended_conv_forward() -> None:
+    torch.manual_seed(1)
+    layer = TBNConv2d(3, 8, 3, padding=1, compression_factor=2)
+    x = torch.randn(2, 3, 6, 6)
+    set_blend(nn.Sequential(layer), 0.25)
+    w = layer.weight.detach().reshape(layer.weight_shape)
+    expected = F.conv2d(x, 0.25 * literal_w_hat(w, 2) + 0.75 * w, layer.bias, padding=1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_blend_one_is_plain_tbn_and_packed_layers_are_left_alone() -> None:
+    torch.manual_seed(2)
+    model = convert_model(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), TBNConfig(min_compress_size=0))
+    x = torch.randn(3, 16)
+    plain = model(x)
+    set_blend(model, 0.5)
+    assert not torch.equal(model(x), plain)
+    set_blend(model, 1.0)
+    assert torch.equal(model(x), plain)
+    tiled = model[0](x)
+    model[0].pack()
+    set_blend(model, 0.0)  # the packed layer has no dense weight: it stays TBN; the latent one turns dense
+    torch.testing.assert_close(model[0](x), tiled)
+    torch.testing.assert_close(model[2](x[:, :8]), F.linear(x[:, :8], model[2].weight.reshape(4, 8), model[2].bias))
+    with pytest.raises(ValueError, match=r"blend must be a number in \[0, 1\], got 1.5"):
+        set_blend(model, 1.5)
+
+
+def test_schedule() -> None:
+    warmup = QuantizationWarmup(0.25)
+    assert [warmup.blend_at(s, 20) for s in (0, 1, 4, 5, 19)] == pytest.approx([0, 0.2, 0.8, 1, 1])
+    assert QuantizationWarmup(0).blend_at(0, 20) == 1.0
+    with pytest.raises(ValueError, match="fraction"):
+        QuantizationWarmup(2)
+
+
+def test_trainer_with_warmup_ends_as_plain_tbn_and_resumes_identically(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    def model() -> LlamaForCausalLM:
+        return LlamaForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=TBNConfig(min_compress_size=0))
+
+    warm = model()
+    trainer = TBNTrainer(model=warm, args=targs(tmp_path / "a", steps=8, save_strategy="steps", save_steps=4),
+                         train_dataset=Tokens(), warmup=0.5)
+    trainer.train()
+    assert all(layer.blend == 1.0 for _, layer in tbn_layers(warm))
+    plain = model()
+    Trainer(model=plain, args=targs(tmp_path / "b", steps=8), train_dataset=Tokens()).train()
+    ids = Tokens().ids[:4]
+    with torch.no_grad():
+        assert not torch.equal(warm.eval()(input_ids=ids).logits, plain.eval()(input_ids=ids).logits)
+
+    resumed = model()
+    TBNTrainer(model=resumed, args=targs(tmp_path / "a", steps=8), train_dataset=Tokens(),
+               warmup=0.5).train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    for (name, a), (_, b) in zip(warm.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
