@@ -130,18 +130,21 @@ def staged_output(out: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = target.parent / f".{target.name}.{secrets.token_hex(4)}.partial"
     stage.mkdir()
+    old = stage.with_suffix(".old")
     try:
         yield stage
+        if target.exists():
+            target.rename(old)
+        try:
+            stage.rename(target)
+        except BaseException:
+            if old.exists():
+                old.rename(target)
+            raise
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    if target.exists():
-        old = stage.with_suffix(".old")
-        target.rename(old)
-        stage.rename(target)
-        shutil.rmtree(old)
-    else:
-        stage.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def copy_companions(src: Path, out: Path, skip: Sequence[str] = ()) -> None:

@@ -17,6 +17,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
@@ -193,6 +194,23 @@ def test_train_from_full_precision_then_from_tbn(fp_folder: Path, reviews: Path,
                  "--eval_fraction", "0"]) == 0
     assert forms(second) == {("packed", 4)} and not (second / "eval_results.json").exists()
     assert not (tmp_path / "second-checkpoints").exists()
+
+
+def test_train_a_classifier_on_a_tbn_base_model(tmp_path: Path, minilm_dir: Path) -> None:
+    """A quantized base model (no head) gets a head with the data's classes, named."""
+    base, tbn = tmp_path / "base", tmp_path / "tbn"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(base)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(base)
+    assert main(["quantize", str(base), str(tbn), "--min-compress-size", "0"]) == 0
+    data = tmp_path / "topics.jsonl"
+    data.write_text("".join(json.dumps({"text": f"item {i}", "topic": "abc"[i % 3]}) + "\n" for i in range(30)))
+    out = tmp_path / "out"
+    assert main(["train", str(tbn), str(data), str(out), "--label_column", "topic", "--max_steps", "1",
+                 "--save_strategy", "no"]) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "a", 1: "b", 2: "c"} and list(tbn_layers(model))
 
 
 def test_train_resume_continues_the_last_checkpoint(fp_folder: Path, reviews: Path, tmp_path: Path,

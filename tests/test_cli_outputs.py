@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from hf_tbn import hub, tbn_layers
 from hf_tbn.cli import main
+from hf_tbn.commands import staged_output
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +115,20 @@ def test_a_failure_midway_leaves_the_old_output_loadable(folders: dict[str, Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the partial folder is gone
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert {layer.form for _, layer in tbn_layers(model)} == {"packed"}
+
+
+def test_a_failed_final_rename_puts_the_old_folder_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    rename = Path.rename
+
+    def rename_fails_into_place(self: Path, target: Path) -> Path:
+        if self.name.endswith(".partial"):
+            raise OSError("rename failed")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename_fails_into_place)
+    with pytest.raises(OSError, match="rename failed"), staged_output(out) as stage:
+        (stage / "weights").write_text("new")
+    assert (out / "weights").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 import torch
 from datasets import ClassLabel, Dataset, load_dataset
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     DataCollatorForLanguageModeling,
@@ -122,23 +123,27 @@ def label_config(names: list[str]) -> dict[str, Any]:
 
 def load_for_training(src: Path, task: str, config: TBNConfig | None, labels: list[str] | None = None
                       ) -> PreTrainedModel:
-    """The latent-form model to fine-tune.
-
-    ``config`` None: ``src`` is a TBN folder, loaded as saved (its classes must be the data's
-    ``labels``, in any order, or unnamed and as many). Otherwise ``src`` is full precision and
-    is quantized on load with ``config``, with ``labels`` as its classes.
-    """
+    """The latent-form model to fine-tune: ``src`` quantized on load with ``config``, or (``config``
+    None) a TBN folder loaded as saved. For classification see :func:`head_config`."""
     cls = AutoModelForSequenceClassification if check_task(task) == "classification" else AutoModelForCausalLM
+    extra = head_config(src, labels) if labels else {}
     if config is not None:
-        return cls.from_pretrained(src, quantization_config=config, **(label_config(labels) if labels else {}))
-    model = to_latent_model(cls.from_pretrained(src))
-    if labels:
-        saved = model_labels(model)
-        if sorted(saved) != sorted(labels):
-            if saved != [f"LABEL_{i}" for i in range(len(labels))]:
-                raise ValueError(f"{src}: the model's classes {saved} are not the data's {labels}")
-            model.config.update(label_config(labels))
-    return model
+        return cls.from_pretrained(src, quantization_config=config, **extra)
+    return to_latent_model(cls.from_pretrained(src, **extra))
+
+
+def head_config(src: Path, labels: list[str]) -> dict[str, Any]:
+    """How to load ``src`` for the classes ``labels``: as saved when it names these classes (in its
+    own order), with new class names for a base model or an unnamed head; a classifier of other
+    named classes is refused."""
+    saved = AutoConfig.from_pretrained(src)
+    names = [saved.id2label[i] for i in range(saved.num_labels)]
+    if sorted(names) == sorted(labels):
+        return {}
+    classifier = any(a.endswith("ForSequenceClassification") for a in saved.architectures or [])
+    if classifier and names != [f"LABEL_{i}" for i in range(saved.num_labels)]:
+        raise ValueError(f"{src}: the model's classes {names} are not the data's {labels}")
+    return label_config(labels)
 
 
 def model_labels(model: PreTrainedModel) -> list[str]:
