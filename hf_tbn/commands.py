@@ -99,13 +99,13 @@ def check_same_config(src: Path, saved: dict[str, Any], overrides: dict[str, Any
                             f"with {field}={value!r}: start from its full-precision source")
 
 
-def quantization_for(src: Path, args: argparse.Namespace, form: str) -> TBNConfig | None:
-    """The config to quantize ``src`` on load with, or None when ``src`` is TBN (loaded as saved)."""
+def quantization_for(src: Path, args: argparse.Namespace) -> TBNConfig | None:
+    """The config to quantize ``src`` on load with (latent form), or None when ``src`` is TBN (loaded as saved)."""
     saved, overrides = saved_tbn_config(src), config_overrides(args)
     if saved is not None:
         check_same_config(src, saved, overrides)
         return None
-    return TBNConfig(**overrides, form=form)
+    return TBNConfig(**overrides, form="latent")
 
 
 # -- output folders ---------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def pack_layers(model: PreTrainedModel) -> PreTrainedModel:
 def quantize(args: argparse.Namespace) -> int:
     src = Path(args.src)
     check_output(Path(args.out), [src], args.overwrite)
-    config = quantization_for(src, args, "latent")
+    config = quantization_for(src, args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load(src, dtype=dtype) if config is None else load(src, quantization_config=config, dtype=dtype)
     if args.form == "packed":
@@ -253,7 +253,7 @@ def train(args: argparse.Namespace) -> int:
     if not own.resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
         raise UserError(f"{checkpoints}: not empty; pass --resume to continue from its last checkpoint, "
                         "or choose another --output_dir")
-    config = quantization_for(src, cli, "latent")
+    config = quantization_for(src, cli)
     resume = training.resume_from_checkpoint
     if own.resume and resume is None:
         resume = get_last_checkpoint(checkpoints) if checkpoints.is_dir() else None
