@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -60,8 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def safe_classes() -> list[type]:
     """The classes a whole saved model may hold under ``weights_only=True``: the supported layers and containers."""
     from .. import layers
+    from ..kernels.conv import ConvGeometry
 
-    return [*SUPPORTED, nn.Sequential, nn.ModuleList, layers.TBNLinear, layers.TBNConv2d, torch.Size]
+    return [*SUPPORTED, nn.Sequential, nn.ModuleList, layers.TBNLinear, layers.TBNConv2d, ConvGeometry, torch.Size]
 
 
 def load_model(path: str | Path, trust_pickle: bool = False) -> nn.Module:
@@ -73,7 +75,8 @@ def load_model(path: str | Path, trust_pickle: bool = False) -> nn.Module:
             with torch.serialization.safe_globals(safe_classes()):
                 model = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0]
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        reason = f"{found.group(1)} is not allowed" if found else str(err).strip().splitlines()[0]
         raise ValueError(f"{path}: refused by the restricted loader ({reason}); the exporter's classes are "
                          f"allowed, anything else needs --trust-pickle (only for files you trust)") from None
     except (OSError, RuntimeError, EOFError) as err:

@@ -81,12 +81,12 @@ def plan_export(model: nn.Module, input_shape: tuple[int, ...], prefix: str = "t
     prefix = check_prefix(prefix)
     prepared = prepare(model)
     try:
+        ops = lower(prepared, input_shape)  # checks each layer's input before running it
         with torch.no_grad():
             output_shape = tuple(prepared(torch.zeros(1, *input_shape)).shape[1:])
-    except (RuntimeError, ValueError, IndexError) as err:
+    except (RuntimeError, IndexError) as err:  # e.g. a pooling window larger than its input
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"input shape {input_shape} does not fit {type(model).__name__}: {reason}") from None
-    ops = lower(prepared, input_shape)
     description = f"{prefix}: {type(model).__name__}, input {input_shape}, output {output_shape}, {len(ops)} steps"
     return ExportPlan(prefix, input_shape, output_shape, tuple(ops),
                       generate(ops, input_shape, output_shape, prefix, description, nibble_table_rows))

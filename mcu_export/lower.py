@@ -160,10 +160,10 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> list[Op]:
     """The runtime steps of ``model`` (prepared with :func:`prepare`) for one input of ``input_shape``."""
     layers = chain(model)
     _check_finite(layers)
-    _check_chain(model, layers, input_shape)
     x = torch.zeros(1, *input_shape)
     ops: list[Op] = []
     for name, module in layers:
+        _check_input(name, module, input_shape, tuple(x.shape[1:]))
         y = module(x)
         in_shape, out_shape = tuple(x.shape[1:]), tuple(y.shape[1:])
         x = y
@@ -182,7 +182,24 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> list[Op]:
             ops.append(_pool_op(name, module, in_shape, out_shape))
         else:
             ops.append(_weighted_op(name, module, in_shape, out_shape))
+    _check_chain(model, layers, input_shape)  # after every layer's input was checked
     return ops
+
+
+def _check_input(name: str, module: nn.Module, input_shape: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    """Refuse a Linear/Conv2d input of the wrong width (a packed layer's kernel does not check it)."""
+    if isinstance(module, (TBNLinear, TBNConv2d)):
+        expected = module.weight_shape[1]
+    elif isinstance(module, nn.Linear):
+        expected = module.in_features
+    elif isinstance(module, nn.Conv2d):
+        expected = module.in_channels
+    else:
+        return
+    if not shape or shape[0] != expected:
+        what = "input features" if isinstance(module, (TBNLinear, nn.Linear)) else "input channels"
+        raise ValueError(f"input shape {input_shape} does not fit: {name} expects {expected} {what}, "
+                         f"gets shape {shape}")
 
 
 def _check_finite(layers: list[tuple[str, nn.Module]]) -> None:
