@@ -3,14 +3,13 @@
 ``import hf_tbn`` registers the ``"tbn"`` quantization method with transformers (as soon as
 transformers loads its quantizers) and TBN's LoRA layers with peft (as soon as peft is
 imported). Every public name (docs/foundation.md lists them) is imported on first use, so
-the import stays light.
+the import stays light (``hf-tbn -h`` needs no torch).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .config import TBNConfig
 from .import_hooks import after_import
 
 
@@ -31,6 +30,7 @@ after_import("peft", _register_lora)
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
+    "TBNConfig": "config",
     "TBNConv1d": "layers", "TBNConv2d": "layers", "TBNLayer": "layers", "TBNLinear": "layers",
     "convert_model": "convert", "pack_model": "convert", "plan_conversion": "convert", "set_backend": "convert",
     "tbn_layers": "convert", "to_latent_model": "convert",
@@ -38,7 +38,7 @@ _LAZY = {
     "TBNLoraLinear": "lora",  # needs peft
 }
 
-__all__ = ["TBNConfig", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> object:

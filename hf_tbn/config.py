@@ -60,8 +60,8 @@ class TBNConfig(QuantizationConfigMixin):
         self.layer_compression_factors = _mapping("layer_compression_factors", layer_compression_factors)
         if isinstance(modules_to_not_convert, str):
             raise ValueError(
-                f"modules_to_not_convert must be a list of module-name patterns, got the string {modules_to_not_convert!r}"
-                f" (write [{modules_to_not_convert!r}])"
+                "modules_to_not_convert must be a list of module-name patterns, got the string "
+                f"{modules_to_not_convert!r} (write [{modules_to_not_convert!r}])"
             )
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.alpha_mode = alpha_mode
@@ -116,7 +116,8 @@ def _mapping(field: str, value: object) -> dict[str, int]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ValueError(f"{field} must be a dict of module name -> compression factor, got {type(value).__name__} {value!r}")
+        got = f"{type(value).__name__} {value!r}"
+        raise ValueError(f"{field} must be a dict of module name -> compression factor, got {got}")
     return dict(value)
 
 

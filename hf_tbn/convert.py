@@ -107,7 +107,8 @@ def plan_conversion(module: nn.Module, config: TBNConfig, keep_dense: Collection
         elif name == head:
             plan[name] = 1
         else:
-            plan[name] = tiling.resolve_factor(out, numel, config.compression_factor, config.min_compress_size, _groups(m))
+            p = tiling.resolve_factor(out, numel, config.compression_factor, config.min_compress_size, _groups(m))
+            plan[name] = p
     if unused:
         field, pat = min(unused)
         raise ValueError(f"{field} pattern {pat!r} matches no convertible layer (Linear, Conv1D, Conv1d, Conv2d)")
@@ -184,15 +185,14 @@ def convert_model(module: nn.Module, config: TBNConfig | None = None) -> nn.Modu
 
 
 def _refuse_incomplete_state(model: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    """``load_state_dict`` pre-hook: a whole-model state dict (Trainer resume) must hold every TBN tensor.
+    """``load_state_dict`` pre-hook: a state dict holding TBN tensors (Trainer resume) must hold all of them.
 
     transformers' Trainer resumes with ``strict=False``, which would keep a missing latent weight at its
-    current value with one warning. A state dict of adapter weights only (peft) holds none of the model's
-    own tensors and is let through.
+    current value with one warning. A state dict of adapter weights (peft) holds no TBN tensor and is let
+    through; one that holds the wrong tensors for a layer is refused by the layer itself.
     """
     tbn_keys = {f"{prefix}{name}.{key}" for name, layer in tbn_layers(model) for key in layer._state_keys()}
-    others = {f"{prefix}{key}" for key in model.state_dict()} - tbn_keys
-    if any(key in state_dict for key in others | tbn_keys):
+    if any(key in state_dict for key in tbn_keys):
         missing = sorted(tbn_keys - set(state_dict))
         if missing:
             raise ValueError(f"{missing[0]}: missing from the state dict; the TBN layer needs it "
@@ -241,9 +241,12 @@ def set_form(model: nn.Module, form: str) -> nn.Module:
     Keeping ``model.config.quantization_config.form`` in step makes ``save_pretrained`` /
     ``from_pretrained`` round-trip the form and tells Trainer whether the model can train.
     """
+    from tqdm.auto import tqdm
+
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    for _, layer in tbn_layers(model):
+    layers = list(tbn_layers(model))
+    for _, layer in tqdm(layers, desc=f"hf_tbn: to {form} form", unit="layer", disable=len(layers) < 50 or None):
         if form == "packed":
             layer.pack()
         else:

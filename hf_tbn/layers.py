@@ -71,12 +71,15 @@ class TBNLayer(nn.Module):
         super().__init__()
         self.layer_name = name or type(self).__name__
         for field, value, allowed in (
-            ("alpha_mode", alpha_mode, tiling.ALPHA_MODES), ("form", form, FORMS), ("alpha_param", alpha_param, ALPHA_PARAMS)
+            ("alpha_mode", alpha_mode, tiling.ALPHA_MODES), ("form", form, FORMS),
+            ("alpha_param", alpha_param, ALPHA_PARAMS),
         ):
             if value not in allowed:
                 raise ValueError(f"{self.layer_name}: {field} must be one of {allowed}, got {value!r}")
         if alpha_param == "scalars" and alpha_mode == "per_layer":
-            raise ValueError(f"{self.layer_name}: alpha_param='scalars' learns one alpha per copy; use alpha_mode='per_tile'")
+            raise ValueError(
+                f"{self.layer_name}: alpha_param='scalars' learns one alpha per copy; use alpha_mode='per_tile'"
+            )
         self.weight_shape = torch.Size(weight_shape)
         self.compression_factor = check_factor(compression_factor, weight_shape[0], self.layer_name, groups)
         self.alpha_mode = alpha_mode
@@ -91,7 +94,8 @@ class TBNLayer(nn.Module):
             self.reset_parameters()
         else:
             nbytes = tiling.packed_nbytes(self.tile_length)
-            self._set_packed_state(torch.zeros(nbytes, dtype=torch.uint8, device=device), torch.ones(self.compression_factor, **factory))
+            tile = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+            self._set_packed_state(tile, torch.ones(self.compression_factor, **factory))
 
     # -- shape facts -------------------------------------------------------------------
     @property
@@ -126,7 +130,7 @@ class TBNLayer(nn.Module):
 
     # -- state of each form ------------------------------------------------------------
     def _set_latent_state(self, weight: torch.Tensor, alpha: torch.Tensor | None = None) -> None:
-        """``weight`` ``(p, out/p, ...)`` and the alpha source ``alpha_param`` asks for (initialised from ``weight``)."""
+        """``weight`` ``(p, out/p, ...)`` and the alpha source ``alpha_param`` asks for, initialised from ``weight``."""
         self.weight = nn.Parameter(weight)
         if self.alpha_param == "tensor":
             self.alpha_weight = nn.Parameter(weight.detach().clone())
@@ -193,7 +197,7 @@ class TBNLayer(nn.Module):
         if torch.is_grad_enabled():
             self._w_hat_cache = None
             return self.effective_weight()
-        sources = (self.weight, *(t for t in (getattr(self, "alpha_weight", None), getattr(self, "alpha", None)) if t is not None))
+        sources = [self.weight, *(getattr(self, name) for name in self._state_keys() if name != "weight")]
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
         if self._w_hat_cache is None or self._w_hat_cache[0] != key:
             self._w_hat_cache = (key, self.effective_weight())
@@ -277,7 +281,9 @@ class TBNLayer(nn.Module):
                 )
             if key == "alpha" and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
                 raise ValueError(f"{prefix}{key}: alphas must be finite, got {tensor.tolist()[:8]}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def __getattr__(self, name: str) -> torch.Tensor | nn.Module:
         if name == "weight" and self.__dict__.get("form") == "packed":

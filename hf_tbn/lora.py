@@ -3,8 +3,9 @@
 :class:`TBNLoraLinear` is LoRA on a :class:`TBNLinear` in either form (QLoRA-style on packed
 tiles, or beside latent weights) and :func:`dispatch_tbn` is its dispatcher, returning None for
 any other layer. peft has no public registry of dispatchers, so :func:`register_with_peft` (run
-when peft is imported, see :mod:`hf_tbn.import_hooks`) wraps two ``LoraModel`` methods; each
-wrapper calls peft's own method unchanged unless TBN layers are involved. The trade-off against
+when peft is imported, see :mod:`hf_tbn.import_hooks`) wraps three ``LoraModel`` methods (the
+dispatch, the merge check, the device placement of new adapters); each wrapper calls peft's own
+method unchanged unless TBN layers are involved. The trade-off against
 the alternatives is written in docs/peft-and-distributed.md.
 
 Merging is refused: a LoRA delta is dense and cannot be absorbed by a binary tile without
@@ -51,7 +52,7 @@ class TBNLoraLinear(LoraLinear):
 
 
 def dispatch_tbn(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> nn.Module | None:
-    """The LoRA layer for a TBN ``target``; None when ``target`` is not a TBN layer (peft's other dispatchers decide)."""
+    """The LoRA layer for a TBN ``target``; None when it is not a TBN layer (peft's other dispatchers decide)."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, TBNLinear):
         return TBNLoraLinear(target, adapter_name, config=config, **kwargs)
@@ -74,6 +75,7 @@ def register_with_peft() -> None:
     if getattr(LoraModel, "_hf_tbn_registered", False):
         return
     create, check_merge = LoraModel._create_new_module, LoraModel._check_merge_allowed
+    replace = LoraModel._replace_module
 
     def _create_new_module(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
         module = dispatch_tbn(target, adapter_name, lora_config, **kwargs)
@@ -85,6 +87,18 @@ def register_with_peft() -> None:
         if names:
             raise ValueError(_merge_refusal(names))
 
+    def _replace_module(self: LoraModel, parent: nn.Module, name: str, new_module: nn.Module, child: nn.Module) -> None:
+        base = child.base_layer if hasattr(child, "base_layer") else child
+        if not isinstance(base, TBNLayer):
+            return replace(self, parent, name, new_module, child)
+        # peft finds the device from the child's weight, which a packed layer does not have
+        setattr(parent, name, new_module)
+        for path, module in new_module.named_modules():
+            if self.prefix in path and not any(p.device.type == "meta" for p in module.parameters()):
+                module.to(base.device)
+        return None
+
     LoraModel._create_new_module = staticmethod(_create_new_module)
     LoraModel._check_merge_allowed = _check_merge_allowed
+    LoraModel._replace_module = _replace_module
     LoraModel._hf_tbn_registered = True

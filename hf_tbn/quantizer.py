@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -70,6 +72,7 @@ class TBNHfQuantizer(HfQuantizer):
         self._conv1d: set[str] = set()  # converted layers that were GPT-2 Conv1D (dequantize restores them)
         self._latent_shapes: dict[str, torch.Size] = {}  # layers quantized on load -> their latent shape
         self._packed: list[str] = []  # packed layers being loaded, named relative to the base model
+        self._model: weakref.ref | None = None  # the model this quantizer serves (for the training check)
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
@@ -94,8 +97,8 @@ class TBNHfQuantizer(HfQuantizer):
                 self._latent_shapes[name] = layer.latent_shape
 
     def _modules_to_keep_dense(self, model: PreTrainedModel) -> set[str]:
-        """The model's fp32 modules, its tied weights, (transformers' rule) its output head, and the vision patch
-        projections whose ``weight.dtype`` the model's forward reads (ViT, CLIP, DINOv2: a packed layer has no weight)."""
+        """The model's fp32 modules, its tied weights, (transformers' rule) its output head, and the vision
+        patch projections whose ``weight.dtype`` the model's forward reads (ViT, CLIP, DINOv2)."""
         tied = model.all_tied_weights_keys
         keys = [*self.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules), *tied, *tied.values()]
         patches = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.endswith(PATCH_PROJECTIONS)]
@@ -116,6 +119,7 @@ class TBNHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         from .hub import tag_model
 
+        self._model = weakref.ref(model)
         for _, layer in tbn_layers(model):
             layer.__dict__.pop("_hf_loading", None)
         set_backend(model, self.quantization_config.backend)
@@ -136,27 +140,39 @@ class TBNHfQuantizer(HfQuantizer):
 
     @property
     def is_qat_trainable(self) -> bool:
-        """Trainer may fine-tune the latent form directly (quantization-aware training); a packed model is refused.
+        """Trainer may fine-tune the latent form directly (quantization-aware training), not the packed one.
 
-        transformers asks this only when validating a model for training without adapters, so the
-        refusal says what to do instead of its generic message.
+        transformers asks this only when validating a model for training; a packed model without
+        adapters gets a refusal that says what to do instead of transformers' generic one.
         """
-        if self.quantization_config.form == "packed":
+        if self.quantization_config.form == "latent":
+            return True
+        model = self._model() if self._model is not None else None
+        if model is not None and not _has_adapters(model):
             raise ValueError(
                 "this TBN model is in the packed form (tile bits + alphas), which has nothing to train: call "
                 "hf_tbn.to_latent_model(model) for quantization-aware training, or attach LoRA adapters with peft"
             )
-        return True
+        return False
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
         """Swap every TBN layer for the dense module it replaced, holding ``W_hat``."""
+        from tqdm.auto import tqdm
+
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        for name, layer in list(tbn_layers(model)):
+        layers = list(tbn_layers(model))
+        for name, layer in tqdm(layers, desc="hf_tbn: dequantize", unit="layer", disable=len(layers) < 50 or None):
             dense = layer.dense_module()
             if name in self._conv1d:
                 dense = _as_conv1d(dense)
             model.set_submodule(name, dense.to(dtype) if dtype is not None else dense)
         return model
+
+
+def _has_adapters(model: nn.Module) -> bool:
+    """Whether peft put adapter layers into ``model``."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    return tuners is not None and any(isinstance(m, tuners.BaseTunerLayer) for m in model.modules())
 
 
 def _as_conv1d(linear: nn.Linear) -> Conv1D:

@@ -72,7 +72,7 @@ def test_pack_and_back_keeps_outputs() -> None:
 
 
 def test_pattern_matching_nothing_is_an_error() -> None:
-    with pytest.raises(ValueError, match=r"layer_compression_factors pattern 'decoder.fc' matches no convertible layer"):
+    with pytest.raises(ValueError, match=r"layer_compression_factors pattern 'decoder.fc' matches no convertible"):
         convert_model(small_net(), TBNConfig(layer_compression_factors={"decoder.fc": 2}))
 
 

@@ -39,7 +39,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                      num_labels=3)
     BertForSequenceClassification(cfg).save_pretrained(root / "fp")
-    model = BertForSequenceClassification.from_pretrained(root / "fp", quantization_config=TBNConfig(min_compress_size=0))
+    config = TBNConfig(min_compress_size=0)
+    model = BertForSequenceClassification.from_pretrained(root / "fp", quantization_config=config)
     model.save_pretrained(root / "latent")
     pack_model(model).save_pretrained(root / "packed")
     base = BertModel.from_pretrained(root / "fp", quantization_config=TBNConfig(min_compress_size=0))
@@ -139,7 +140,7 @@ def small() -> torch.nn.Sequential:
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"modules_to_not_convert": "classifier"}, r"must be a list of module-name patterns, got the string 'classifier'"),
-    ({"converted_layers": ["0", "2"]}, r"converted_layers must be a dict of module name -> compression factor, got list"),
+    ({"converted_layers": ["0", "2"]}, r"converted_layers must be a dict of module name -> compression factor, got li"),
     ({"layer_compression_factors": [("0", 2)]}, r"layer_compression_factors must be a dict"),
     ({"alpha_param": "weight"}, r"alpha_param must be one of \('latent', 'tensor', 'scalars'\), got 'weight'"),
 ])

@@ -106,8 +106,13 @@ def check_lora_on_packed(cls: type[PreTrainedModel], fp_dir: Path, tmp: Path, da
 
 def test_peft_imported_after_hf_tbn_gets_the_tbn_layers(tmp_path: Path) -> None:
     # import hf_tbn does not import peft (about 200 MB); peft learns TBN layers when it is imported
-    check = ("import sys, hf_tbn; assert 'peft' not in sys.modules; from peft import LoraConfig; "
-             "assert hf_tbn.TBNLinear in LoraConfig(r=2)._custom_modules; print('ok')")
+    check = ("import sys, torch, hf_tbn; assert 'peft' not in sys.modules; "
+             "from peft import LoraConfig, get_peft_model; "
+             "assert LoraConfig(r=2)._custom_modules is None; "  # no config of any peft user is changed
+             "model = hf_tbn.convert_model(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)), "
+             "hf_tbn.TBNConfig(min_compress_size=0)); "
+             "peft = get_peft_model(model, LoraConfig(r=2, target_modules=['0'])); "
+             "assert isinstance(peft.base_model.model[0], hf_tbn.TBNLoraLinear); print('ok')")
     result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

@@ -1,4 +1,4 @@
-"""The installed package: subpackage layout and the ``kernels`` import-name hazard (docs/foundation.md, package layout)."""
+"""The installed package: subpackage layout and the ``kernels`` import-name hazard (docs/foundation.md)."""
 
 from __future__ import annotations
 
