@@ -11,8 +11,15 @@ triton     :func:`.triton_tbn.tile_linear` (CUDA)      :func:`.conv.unfold_conv`
 ``"auto"`` picks Triton for CUDA activations, the compiled CPU kernel for CPU linear layers
 (convs stay on torch: through unfold the kernel was slower than ``F.conv2d``, docs/kernels.md),
 and torch wherever the chosen kernel cannot take the input; a kernel asked for by name says
-why it cannot. The compiled kernels get their backward from :class:`_TileLinearFn` (gradients
-reach the activations and the bias; tile and alphas are fixed buffers); torch has its own.
+why it cannot.
+
+The compiled kernels are torch custom ops (:mod:`.ops`: their fake implementations and their one
+backward, gradients reaching the activations and the bias); torch has its own autograd. Eager
+inference (no gradient wanted, not compiling) calls the launcher directly: the same computation
+without the dispatcher's per-call cost (docs/kernels.md). Resolution is traceable: what needs the
+file system, a compiler or an import (:func:`_kernel_unavailable`, :func:`_triton_facts`) is
+evaluated eagerly and cached, also while ``torch.compile`` traces, so a packed model compiles with
+``fullgraph=True``.
 """
 
 from __future__ import annotations
@@ -28,8 +35,7 @@ from types import ModuleType
 
 import torch
 
-from ..tiling import unpack_range
-from . import native, torch_path
+from . import native, ops, torch_path
 from .conv import ConvGeometry, TileLinear, torch_conv, unfold_conv
 
 logger = logging.getLogger(__name__)
@@ -47,32 +53,11 @@ class Backend:
     problem: Callable[[torch.Tensor, int], str | None]  # (x, values per tile row) -> why not, or None
 
 
-class _TileLinearFn(torch.autograd.Function):
-    """A compiled launcher as an autograd op: ``dL/dx = (sum_i alpha_i dL/dy_i) @ T``, the tile reused too."""
-
-    @staticmethod
-    def forward(ctx, launcher: TileLinear, x, tile, alpha, bias, rows, row0):  # noqa: ANN001
-        ctx.save_for_backward(tile, alpha)
-        ctx.rows, ctx.row0, ctx.k = rows, row0, x.shape[1]
-        return launcher(x, tile, alpha, bias, rows, row0)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001
-        tile, alpha = ctx.saved_tensors
-        rows, k, p = ctx.rows, ctx.k, alpha.numel()
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[1]:
-            folded = (grad.reshape(-1, p, rows) * alpha.to(grad.dtype).view(1, p, 1)).sum(dim=1)  # (M, rows)
-            grad_x = folded @ unpack_range(tile, ctx.row0 * k, rows * k, grad.dtype).view(rows, k)
-        if ctx.needs_input_grad[4]:
-            grad_bias = grad.sum(dim=0)
-        return None, grad_x, None, None, grad_bias, None, None
-
-
-def _differentiable(launcher: TileLinear) -> TileLinear:
+def _differentiable(launcher: TileLinear, op: TileLinear) -> TileLinear:
     def linear(x, tile, alpha, bias, rows, row0=0):  # noqa: ANN001, ANN202
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            return _TileLinearFn.apply(launcher, x, tile, alpha, bias, rows, row0)
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        if torch.compiler.is_compiling() or wants_grad:
+            return op(x, tile, alpha, bias, rows, row0)
         return launcher(x, tile, alpha, bias, rows, row0)
 
     return linear
@@ -89,6 +74,28 @@ def triton_module() -> ModuleType:
     return importlib.import_module(".triton_tbn", __package__)
 
 
+@torch.compiler.assume_constant_result
+def _kernel_unavailable(name: str) -> str | None:
+    """Why the compiled backend ``name`` cannot run in this process at all, or None (builds the CPU kernel)."""
+    if name == "native":
+        return native.native_error()
+    return None if triton_available() else "needs the triton package (pip install 'hf-tbn[triton]')"
+
+
+@torch.compiler.assume_constant_result
+def _triton_facts() -> tuple[bool, tuple[torch.dtype, ...]]:
+    """Whether Triton runs interpreted, and the activation dtypes of its kernel (imports it)."""
+    kernels = triton_module()
+    return kernels.INTERPRETED, kernels.DTYPES
+
+
+@torch.compiler.assume_constant_result
+def _note_fallback(reason: str) -> None:
+    """Under ``"auto"``: warn once (eagerly, also while compiling) when the CPU kernel is unusable here."""
+    if reason == native.native_error():
+        _warn_native_unavailable(reason)
+
+
 def _native_problem(x: torch.Tensor, row_length: int) -> str | None:
     if x.device.type != "cpu":
         return f"got a {x.device.type} tensor; it runs on CPU"
@@ -96,20 +103,21 @@ def _native_problem(x: torch.Tensor, row_length: int) -> str | None:
         return f"supports activations {native.DTYPES}, got {x.dtype}"
     if row_length % 8:
         return f"needs tile rows of a multiple of 8 values (whole bytes), got {row_length}"
-    return native.native_error()
+    return _kernel_unavailable("native")
 
 
 def _triton_problem(x: torch.Tensor, row_length: int) -> str | None:
-    if not triton_available():
-        return "needs the triton package (pip install 'hf-tbn[triton]')"
-    kernels = triton_module()
-    if not x.is_cuda and not kernels.INTERPRETED:
+    reason = _kernel_unavailable("triton")
+    if reason is not None:
+        return reason
+    interpreted, dtypes = _triton_facts()
+    if not x.is_cuda and not interpreted:
         return (
             f"got a {x.device.type} tensor; Triton runs on CUDA, or on CPU only in its interpreter "
             "(TRITON_INTERPRET=1 set before triton is imported). Use backend='native', 'torch' or 'auto'"
         )
-    if x.dtype not in kernels.DTYPES:
-        return f"supports activations {kernels.DTYPES}, got {x.dtype}"
+    if x.dtype not in dtypes:
+        return f"supports activations {dtypes}, got {x.dtype}"
     return None
 
 
@@ -117,15 +125,17 @@ def _triton_linear(*args: object) -> torch.Tensor:
     return triton_module().tile_linear(*args)
 
 
-def _compiled(name: str, launcher: TileLinear, problem: Callable[[torch.Tensor, int], str | None]) -> Backend:
-    linear = _differentiable(launcher)
+def _compiled(
+    name: str, launcher: TileLinear, op: TileLinear, problem: Callable[[torch.Tensor, int], str | None]
+) -> Backend:
+    linear = _differentiable(launcher, op)
     return Backend(name, linear, functools.partial(unfold_conv, linear=linear), problem)
 
 
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", torch_path.tile_linear, torch_conv, lambda x, row_length: None),
-    "native": _compiled("native", native.tile_linear, _native_problem),
-    "triton": _compiled("triton", _triton_linear, _triton_problem),
+    "native": _compiled("native", native.tile_linear, ops.tile_linear_native, _native_problem),
+    "triton": _compiled("triton", _triton_linear, ops.tile_linear_triton, _triton_problem),
 }
 BACKEND_NAMES: tuple[str, ...] = ("auto", *BACKENDS)
 
@@ -144,8 +154,8 @@ def resolve(requested: str, x: torch.Tensor, kind: LayerKind, row_length: int, l
         candidate = "triton" if x.is_cuda else "native" if kind == "linear" else "torch"
         backend = BACKENDS[candidate]
         reason = backend.problem(x, row_length)
-        if reason is not None and candidate == "native" and reason == native.native_error():
-            _warn_native_unavailable(reason)
+        if reason is not None and candidate == "native":
+            _note_fallback(reason)
         return backend if reason is None else BACKENDS["torch"]
     if requested not in BACKENDS:
         raise ValueError(f"{layer_name}: backend must be one of {BACKEND_NAMES}, got {requested!r}")

@@ -19,6 +19,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, CompiledKernel, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from ..tiling import check_tile_operands
 
@@ -93,22 +96,14 @@ def _blocks(m: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return 128, 128, block_k, 8
 
 
-def tile_linear(
-    x: torch.Tensor,
-    tile: torch.Tensor,
-    alpha: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: int,
-    row0: int = 0,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``(M, p * rows)``: block ``i`` is ``alpha_i * x @ T.T`` (+ bias), ``T`` = tile rows ``row0 .. row0+rows``.
+Launch = tuple[tuple[int, int], tuple, dict]  # (grid, positional arguments, keyword arguments) of a kernel launch
 
-    ``x`` is ``(M, K)`` (any strides); ``tile`` the packed tile whose rows have ``K`` values;
-    ``alpha`` the ``p`` scales of these copies; ``bias`` ``(p * rows,)`` or None; ``out`` an
-    optional ``(M, p * rows)`` destination (any strides). fp32 runs the dot in IEEE fp32. No autograd
-    (see :mod:`.backends`).
-    """
+
+def _launch(
+    x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int,
+    out: torch.Tensor | None,
+) -> Launch:
+    """The checked launch of :func:`tile_linear` (what :func:`compile_ahead` compiles without launching)."""
     m, k = x.shape
     p = alpha.numel()
     if x.dtype not in DTYPES:
@@ -123,11 +118,59 @@ def tile_linear(
     block_m, block_n, block_k, warps = _blocks(m, x.dtype)
     upcast = INTERPRETED and x.dtype == torch.bfloat16
     grid = (triton.cdiv(m, block_m), triton.cdiv(rows, block_n))
-    _tile_linear_kernel[grid](
+    args = (
         x, tile, alpha.contiguous(), bias.contiguous() if bias is not None else alpha, out,
         m, k, rows, p, row0,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, ALIGNED=k % 8 == 0, IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
-    return out
+    constants = {
+        "HAS_BIAS": bias is not None, "ALIGNED": k % 8 == 0, "IEEE": x.dtype == torch.float32 or upcast,
+        "UPCAST": upcast, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps,
+    }
+    return grid, args, constants
+
+
+def tile_linear(
+    x: torch.Tensor,
+    tile: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int,
+    row0: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(M, p * rows)``: block ``i`` is ``alpha_i * x @ T.T`` (+ bias), ``T`` = tile rows ``row0 .. row0+rows``.
+
+    ``x`` is ``(M, K)`` (any strides); ``tile`` the packed tile whose rows have ``K`` values;
+    ``alpha`` the ``p`` scales of these copies; ``bias`` ``(p * rows,)`` or None; ``out`` an
+    optional ``(M, p * rows)`` destination (any strides). fp32 runs the dot in IEEE fp32. No autograd
+    (see :mod:`.ops`).
+    """
+    grid, args, constants = _launch(x, tile, alpha, bias, rows, row0, out)
+    _tile_linear_kernel[grid](*args, **constants)
+    return args[4]
+
+
+def compile_ahead(
+    target: GPUTarget, x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None,
+    rows: int, row0: int = 0,
+) -> CompiledKernel:
+    """The kernel :func:`tile_linear` would launch for these operands, compiled for ``target`` without a GPU.
+
+    ``target`` e.g. ``GPUTarget("cuda", 90, 32)``; the operands may be CPU tensors of the dtypes, shapes
+    and alignment to compile for. The arguments are specialized by Triton's own launch binder (integer
+    values of 1, 16-byte alignment), so the result is what a GPU would compile: its ``asm`` holds every
+    stage down to ``cubin`` (ptxas ships with Triton). Uses Triton internals (``create_function_from_signature``,
+    ``JITFunction._pack_args``, as of Triton 3.6-3.9); needs ``TRITON_INTERPRET`` unset when Triton is imported.
+    """
+    if not isinstance(_tile_linear_kernel, JITFunction):
+        raise RuntimeError("compile_ahead: the kernel is interpreted (TRITON_INTERPRET=1); run it in a process without")
+    _, args, constants = _launch(x, tile, alpha, bias, rows, row0, None)
+    backend = make_backend(target)
+    kernel = _tile_linear_kernel
+    bound, specialization, extra = create_function_from_signature(kernel.signature, kernel.params, backend)(
+        *args, **constants
+    )
+    options, signature, constexprs, attrs = kernel._pack_args(backend, constants, bound, specialization, extra)
+    source = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=target, options=options.__dict__)

@@ -1,0 +1,81 @@
+"""The compiled launchers as torch custom ops, with fake implementations and the one backward they share.
+
+=============================  ================================================  ==========
+op                             runs                                              device
+=============================  ================================================  ==========
+``hf_tbn::tile_linear_native``  :func:`.native.tile_linear` (the C kernel)        CPU
+``hf_tbn::tile_linear_triton``  :func:`.triton_tbn.tile_linear` (Triton launch)   CUDA (CPU
+                                                                                  interpreted)
+=============================  ================================================  ==========
+
+Both take ``(x (M, K), tile, alpha, bias | None, rows, row0)`` and return ``(M, p * rows)`` in
+``x``'s dtype (:mod:`.backends` documents the product). To ``torch.compile`` and ``torch.export`` each
+is one opaque node whose output shape comes from :func:`_fake`: dynamo never traces into ctypes or a
+Triton launch, so a packed model compiles with ``fullgraph=True``. Autograd: :func:`_backward`,
+``dL/dx = (sum_i alpha_i dL/dy_i) @ T`` (the tile reused too, computed with torch) and
+``dL/dbias = sum_m dL/dy``; tile and alphas are fixed buffers (no gradient). AOTAutograd traces this
+backward with fake tensors and without dynamo, so it expands the tile rows by shifts
+(:func:`_tile_rows`), not through :func:`hf_tbn.tiling.unpack_range`, whose cached sign table is a
+real tensor that fake tracing refuses.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import native
+
+
+@torch.library.custom_op("hf_tbn::tile_linear_native", mutates_args=())
+def tile_linear_native(
+    x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int
+) -> torch.Tensor:
+    """:func:`.native.tile_linear` as a custom op."""
+    return native.tile_linear(x, tile, alpha, bias, rows, row0)
+
+
+@torch.library.custom_op("hf_tbn::tile_linear_triton", mutates_args=())
+def tile_linear_triton(
+    x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int
+) -> torch.Tensor:
+    """:func:`.triton_tbn.tile_linear` as a custom op (Triton imported on first use)."""
+    return importlib.import_module(".triton_tbn", __package__).tile_linear(x, tile, alpha, bias, rows, row0)
+
+
+def _fake(
+    x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], alpha.shape[0] * rows)
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    x, tile, alpha, _, rows, row0 = inputs
+    ctx.save_for_backward(tile, alpha)
+    ctx.rows, ctx.row0, ctx.k = rows, row0, x.shape[1]
+
+
+def _tile_rows(tile: torch.Tensor, row0: int, rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Tile rows ``row0 .. row0 + rows`` of ``k`` values as a ``(rows, k)`` matrix of +-1 (tiling's bit order)."""
+    start, stop = row0 * k, (row0 + rows) * k
+    shifts = torch.arange(8, dtype=torch.uint8, device=tile.device)
+    bits = (tile[start // 8 : (stop + 7) // 8].unsqueeze(1) >> shifts) & 1  # (bytes, 8): bit j % 8 of byte j // 8
+    return (bits.to(dtype) * 2 - 1).view(-1)[start % 8 : start % 8 + rows * k].view(rows, k)
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    tile, alpha = ctx.saved_tensors
+    rows, k, p = ctx.rows, ctx.k, alpha.numel()
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        folded = (grad.reshape(-1, p, rows) * alpha.to(grad.dtype).view(1, p, 1)).sum(dim=1)  # (M, rows)
+        grad_x = folded @ _tile_rows(tile, ctx.row0, rows, k, grad.dtype)
+    if ctx.needs_input_grad[3]:
+        grad_bias = grad.sum(dim=0)
+    return grad_x, None, None, grad_bias, None, None
+
+
+for _op in (tile_linear_native, tile_linear_triton):
+    _op.register_fake(_fake)
+    _op.register_autograd(_backward, setup_context=_setup_context)
