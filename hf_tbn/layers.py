@@ -207,6 +207,12 @@ class TBNLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "latent":
             return self._apply_weight(x, self._latent_w_hat(), self.bias)
+        # the dense ops check this themselves; the tile kernels cannot (a row length is not stored)
+        features = x.shape[-1] if isinstance(self, TBNLinear) else x.shape[-1 - len(self.weight_shape[2:])]
+        expected = self.weight_shape[1] * getattr(self, "groups", 1)
+        if features != expected:
+            raise ValueError(f"{self.layer_name}: input has {features} features or channels, the layer takes "
+                             f"{expected}")
         return self._apply_tile(x)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -8,12 +8,10 @@ import pickle
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from .export import export_model
-from .lower import SUPPORTED
+if TYPE_CHECKING:  # torch is imported when the command runs: ``hf-tbn -h`` stays fast
+    from torch import nn
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -60,14 +58,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def safe_classes() -> list[type]:
     """The classes a whole saved model may hold under ``weights_only=True``: the supported layers and containers."""
+    import torch
+    from torch import nn
+
     from .. import layers
     from ..kernels.conv import ConvGeometry
+    from .lower import SUPPORTED
 
     return [*SUPPORTED, nn.Sequential, nn.ModuleList, layers.TBNLinear, layers.TBNConv2d, ConvGeometry, torch.Size]
 
 
 def load_model(path: str | Path, trust_pickle: bool = False) -> nn.Module:
     """The module saved at ``path``: restricted unpickling unless ``trust_pickle``; a ValueError says what failed."""
+    import torch
+
     try:
         if trust_pickle:
             model = torch.load(path, map_location="cpu", weights_only=False)
@@ -81,13 +85,15 @@ def load_model(path: str | Path, trust_pickle: bool = False) -> nn.Module:
                          f"allowed, anything else needs --trust-pickle (only for files you trust)") from None
     except (OSError, RuntimeError, EOFError) as err:
         raise ValueError(f"{path}: cannot be read as a torch.save file ({err})") from None
-    if not isinstance(model, nn.Module):
+    if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a module")
     return model
 
 
 def run(args: argparse.Namespace) -> int:
     """Load, export, print the plan; a refused model prints the reason and returns 1."""
+    from .export import export_model
+
     try:
         model = load_model(args.model, args.trust_pickle)
         result = export_model(model, args.input_shape, args.out, args.name, args.flash_kb, args.ram_kb)

@@ -278,3 +278,13 @@ def test_latent_eval_reuses_w_hat_until_the_weights_change(monkeypatch: pytest.M
         assert not torch.equal(layer(x), first) and len(calls) == 2
     layer(x).sum().backward()  # training: rebuilt on every forward, with its gradient
     assert len(calls) == 3 and layer.weight.grad is not None
+
+
+def test_packed_layer_refuses_an_input_of_the_wrong_width() -> None:
+    linear = TBNLinear(784, 128, compression_factor=4, name="fc1").pack()
+    with pytest.raises(ValueError, match="fc1: input has 28 features or channels, the layer takes 784"):
+        linear(torch.randn(2, 28))
+    conv = TBNConv2d(8, 16, 3, groups=2, compression_factor=4, name="conv").pack()
+    assert conv(torch.randn(1, 8, 5, 5)).shape == (1, 16, 3, 3)
+    with pytest.raises(ValueError, match="conv: input has 4 features or channels, the layer takes 8"):
+        conv(torch.randn(1, 4, 5, 5))
