@@ -13,12 +13,13 @@ scaled copies (:mod:`hf_tbn.kernels.backends`), never building the dense weight.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair, _single
+from typing_extensions import Unpack
 
 from . import tiling
 from .kernels import backends
@@ -28,6 +29,17 @@ Form = Literal["latent", "packed"]
 FORMS: tuple[str, ...] = ("latent", "packed")
 AlphaParam = Literal["latent", "tensor", "scalars"]
 ALPHA_PARAMS: tuple[str, ...] = ("latent", "tensor", "scalars")
+
+
+class LayerOptions(TypedDict, total=False):
+    """The keyword options every TBN layer takes besides its shape and ``compression_factor``."""
+
+    alpha_mode: tiling.AlphaMode
+    alpha_param: AlphaParam
+    form: Form
+    device: torch.device | str | None
+    dtype: torch.dtype | None
+    name: str | None
 
 
 def check_factor(p: object, out_features: int, name: str, groups: int = 1) -> int:
@@ -60,13 +72,14 @@ class TBNLayer(nn.Module):
         weight_shape: tuple[int, ...],
         bias: bool,
         compression_factor: int,
-        alpha_mode: tiling.AlphaMode,
-        form: Form,
         groups: int = 1,
+        *,
+        alpha_mode: tiling.AlphaMode = "per_tile",
+        alpha_param: AlphaParam = "latent",
+        form: Form = "latent",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         name: str | None = None,
-        alpha_param: AlphaParam = "latent",
     ) -> None:
         super().__init__()
         self.layer_name = name or type(self).__name__
@@ -322,17 +335,11 @@ class TBNLinear(TBNLayer):
         out_features: int,
         bias: bool = True,
         compression_factor: int = 4,
-        alpha_mode: tiling.AlphaMode = "per_tile",
-        form: Form = "latent",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        name: str | None = None,
-        alpha_param: AlphaParam = "latent",
+        **options: Unpack[LayerOptions],
     ) -> None:
         self.in_features = in_features
         self.out_features = out_features
-        shape = (out_features, in_features)
-        super().__init__(shape, bias, compression_factor, alpha_mode, form, 1, device, dtype, name, alpha_param)
+        super().__init__((out_features, in_features), bias, compression_factor, **options)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
@@ -366,15 +373,11 @@ class _TBNConvNd(TBNLayer):
         groups: int = 1,
         bias: bool = True,
         compression_factor: int = 4,
-        alpha_mode: tiling.AlphaMode = "per_tile",
-        form: Form = "latent",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        name: str | None = None,
-        alpha_param: AlphaParam = "latent",
+        **options: Unpack[LayerOptions],
     ) -> None:
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"{name or type(self).__name__}: groups {groups} must divide in and out channels")
+            name = options.get("name") or type(self).__name__
+            raise ValueError(f"{name}: groups {groups} must divide in and out channels")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = self._tuple(kernel_size)
@@ -384,7 +387,7 @@ class _TBNConvNd(TBNLayer):
         self.groups = groups
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.geometry = ConvGeometry(shape, self.stride, self.padding, self.dilation, groups)
-        super().__init__(shape, bias, compression_factor, alpha_mode, form, groups, device, dtype, name, alpha_param)
+        super().__init__(shape, bias, compression_factor, groups, **options)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.geometry.conv(x, weight, bias, self.groups)
