@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from doc_blocks import replace_block
 from hf_tbn.mcu_export import toolchain as tc
 from hf_tbn.mcu_export.codegen import c_float
 from hf_tbn.mcu_export.lower import Op, PoolOp, ReluOp, WeightedOp, lower, prepare
@@ -43,7 +44,6 @@ DEFAULT_CMSIS = Path(__file__).resolve().parents[2] / "shared" / "third_party" /
 CMSIS_DIRS = ("FullyConnectedFunctions", "ConvolutionFunctions", "NNSupportFunctions", "PoolingFunctions")
 HEADER = ("| model | variant | weight bytes | flash B | RAM B | instructions / inference | vs CMSIS-NN int8 "
           "| agreement |")
-RESULTS = re.compile(r"(<!-- bench:start -->\n).*?(<!-- bench:end -->)", re.S)
 MAX_REL_ERR = 1e-4
 
 
@@ -358,11 +358,7 @@ def main() -> None:
     text = f"{budget}\n\n{table(rows)}\n"
     print(text)
     if args.doc is not None:
-        doc = args.doc.read_text()
-        if not RESULTS.search(doc):
-            raise ValueError(f"{args.doc} has no <!-- bench:start --> / <!-- bench:end --> block")
-        args.doc.write_text(RESULTS.sub(lambda m: m.group(1) + text + m.group(2), doc))
-        print(f"wrote the bench block of {args.doc}")
+        replace_block(args.doc, "bench", text)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from doc_blocks import replace_block
 from torch import nn
 
 from hf_tbn import mcu_export
@@ -38,7 +39,6 @@ HEADER = (
     "| model | acc. Python (10k) | acc. board | board = PyTorch | weight bytes | flash B (text+rodata) "
     "| RAM B (data+bss) | instructions / inference |"
 )
-RESULTS = re.compile(r"(<!-- results:start -->\n).*?(<!-- results:end -->)", re.S)
 
 
 def evaluate(name: str, model: nn.Module, data: dict[str, torch.Tensor], board_images: int, workdir: Path) -> str:
@@ -98,12 +98,7 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     if args.doc is not None:
-        text = args.doc.read_text()
-        block = f"{budget}\n\n{table}\n"
-        if not RESULTS.search(text):
-            raise ValueError(f"{args.doc} has no <!-- results:start --> / <!-- results:end --> block")
-        args.doc.write_text(RESULTS.sub(lambda m: m.group(1) + block + m.group(2), text))
-        print(f"wrote the results block of {args.doc}")
+        replace_block(args.doc, "results", f"{budget}\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_bert_classifier
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
-    BertForSequenceClassification,
     BertModel,
     LlamaConfig,
     LlamaForCausalLM,
@@ -32,12 +32,7 @@ from hf_tbn.version import version
 @pytest.fixture(scope="module")
 def fp_folder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """A tiny BERT classifier with MiniLM's tokenizer, a license, a module subfolder and an ONNX export."""
-    folder = tmp_path_factory.mktemp("cli") / "fp"
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                     intermediate_size=64, num_labels=2)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(folder)
+    folder = tiny_bert_classifier(tmp_path_factory.mktemp("cli") / "fp", minilm_dir, num_labels=2)
     (folder / "LICENSE").write_text("license text")
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 32}')

@@ -8,15 +8,13 @@ from typing import Any
 
 import huggingface_hub.repocard
 import pytest
-import torch
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import LocalEntryNotFoundError
+from tiny import tiny_bert_classifier
 from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
     PreTrainedModel,
 )
 from transformers.utils.hub import PushToHubMixin
@@ -31,12 +29,7 @@ TRICKY_LICENSE_NAME = "tiny license: 'v1' # not a comment"
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """A tiny full-precision BERT classifier with MiniLM's tokenizer and a card of its own."""
-    folder = tmp_path_factory.mktemp("hub") / "fp"
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                     intermediate_size=64, num_labels=3)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(folder)
+    folder = tiny_bert_classifier(tmp_path_factory.mktemp("hub") / "fp", minilm_dir, num_labels=3)
     data = ModelCardData(license="other", license_name=TRICKY_LICENSE_NAME, license_link="LICENSE",
                          language=["en", "fr"], pipeline_tag="fill-mask", base_model="org/grandparent",
                          tags=["source-tag"])

@@ -65,37 +65,6 @@ static void tbn_rt_tables(const float *x, uint32_t n, int kind, float *t) {
         (acc) += (tb)[(o) + 48u + ((v) >> 12)];         \
     } while (0)
 
-/* y[r * y_step] (+)= tile row r applied to the n inputs of the tables t: one lookup per nibble.
- * A row is `stride` halfwords, 16 inputs each (nibble q of halfword k: inputs 16 k + 4 q ...);
- * four halfwords per iteration keep every table offset within a load's immediate. */
-static void tbn_rt_lookup_nibble(const float *t, uint32_t n, const uint16_t *tile, uint32_t stride, uint32_t rows,
-                                 float *y, uint32_t y_step, int accumulate) {
-    const uint32_t quads = n / 64u, rest = (n / 16u) % 4u, tail = (n % 16u + 3u) / 4u;
-    uint32_t r;
-    for (r = 0; r < rows; ++r, tile += stride, y += y_step) {
-        const uint16_t *w = tile;
-        const float *tb = t;
-        float acc = accumulate ? *y : 0.0f;
-        uint32_t k;
-        for (k = quads; k != 0; --k, w += 4, tb += 256) {
-            const uint32_t v0 = w[0], v1 = w[1], v2 = w[2], v3 = w[3];
-            TBN_RT_HALFWORD(acc, tb, 0u, v0);
-            TBN_RT_HALFWORD(acc, tb, 64u, v1);
-            TBN_RT_HALFWORD(acc, tb, 128u, v2);
-            TBN_RT_HALFWORD(acc, tb, 192u, v3);
-        }
-        for (k = rest; k != 0; --k, tb += 64) {
-            const uint32_t v = *w++;
-            TBN_RT_HALFWORD(acc, tb, 0u, v);
-        }
-        if (tail != 0u) {
-            uint32_t v = *w, q;
-            for (q = 0; q < tail; ++q, v >>= 4, tb += 16) acc += tb[v & 15u];
-        }
-        *y = acc;
-    }
-}
-
 /* acc += the 8 pair lookups of halfword v in the tables tb[o .. o + 32). */
 #define TBN_RT_HALFWORD_PAIRS(acc, tb, o, v)            \
     do {                                                \
@@ -109,34 +78,42 @@ static void tbn_rt_lookup_nibble(const float *t, uint32_t n, const uint16_t *til
         (acc) += (tb)[(o) + 28u + ((v) >> 14)];         \
     } while (0)
 
-/* As tbn_rt_lookup_nibble with pair tables: one lookup per 2 inputs (cheaper tables, for few rows). */
-static void tbn_rt_lookup_pair(const float *t, uint32_t n, const uint16_t *tile, uint32_t stride, uint32_t rows,
-                               float *y, uint32_t y_step, int accumulate) {
-    const uint32_t quads = n / 64u, rest = (n / 16u) % 4u, tail = (n % 16u + 1u) / 2u;
-    uint32_t r;
-    for (r = 0; r < rows; ++r, tile += stride, y += y_step) {
-        const uint16_t *w = tile;
-        const float *tb = t;
-        float acc = accumulate ? *y : 0.0f;
-        uint32_t k;
-        for (k = quads; k != 0; --k, w += 4, tb += 128) {
-            const uint32_t v0 = w[0], v1 = w[1], v2 = w[2], v3 = w[3];
-            TBN_RT_HALFWORD_PAIRS(acc, tb, 0u, v0);
-            TBN_RT_HALFWORD_PAIRS(acc, tb, 32u, v1);
-            TBN_RT_HALFWORD_PAIRS(acc, tb, 64u, v2);
-            TBN_RT_HALFWORD_PAIRS(acc, tb, 96u, v3);
-        }
-        for (k = rest; k != 0; --k, tb += 32) {
-            const uint32_t v = *w++;
-            TBN_RT_HALFWORD_PAIRS(acc, tb, 0u, v);
-        }
-        if (tail != 0u) {
-            uint32_t v = *w, q;
-            for (q = 0; q < tail; ++q, v >>= 2, tb += 4) acc += tb[v & 3u];
-        }
-        *y = acc;
+/* y[r * y_step] (+)= tile row r applied to the n inputs of the tables t: one lookup per BITS inputs
+ * (4: nibble tables of 16 entries; 2: pair tables of 4, cheaper to build, for few rows). A row is
+ * `stride` halfwords, 16 inputs each (lookup q of halfword k: inputs 16 k + BITS q ...); four
+ * halfwords per iteration keep every table offset within a load's immediate. HALFWORD adds the
+ * lookups of one halfword, whose tables take ENTRIES floats. */
+#define TBN_RT_LOOKUP(name, HALFWORD, ENTRIES, BITS)                                                           \
+    static void name(const float *t, uint32_t n, const uint16_t *tile, uint32_t stride, uint32_t rows,       \
+                     float *y, uint32_t y_step, int accumulate) {                                             \
+        const uint32_t quads = n / 64u, rest = (n / 16u) % 4u, tail = (n % 16u + (BITS) - 1u) / (BITS);       \
+        uint32_t r;                                                                                           \
+        for (r = 0; r < rows; ++r, tile += stride, y += y_step) {                                             \
+            const uint16_t *w = tile;                                                                         \
+            const float *tb = t;                                                                              \
+            float acc = accumulate ? *y : 0.0f;                                                               \
+            uint32_t k;                                                                                       \
+            for (k = quads; k != 0; --k, w += 4, tb += 4u * (ENTRIES)) {                                      \
+                const uint32_t v0 = w[0], v1 = w[1], v2 = w[2], v3 = w[3];                                    \
+                HALFWORD(acc, tb, 0u, v0);                                                                    \
+                HALFWORD(acc, tb, (ENTRIES), v1);                                                             \
+                HALFWORD(acc, tb, 2u * (ENTRIES), v2);                                                        \
+                HALFWORD(acc, tb, 3u * (ENTRIES), v3);                                                        \
+            }                                                                                                 \
+            for (k = rest; k != 0; --k, tb += (ENTRIES)) {                                                    \
+                const uint32_t v = *w++;                                                                      \
+                HALFWORD(acc, tb, 0u, v);                                                                     \
+            }                                                                                                 \
+            if (tail != 0u) {                                                                                 \
+                uint32_t v = *w, q;                                                                           \
+                for (q = 0; q < tail; ++q, v >>= (BITS), tb += 1u << (BITS)) acc += tb[v & ((1u << (BITS)) - 1u)]; \
+            }                                                                                                 \
+            *y = acc;                                                                                         \
+        }                                                                                                     \
     }
-}
+
+TBN_RT_LOOKUP(tbn_rt_lookup_nibble, TBN_RT_HALFWORD, 64u, 4u)
+TBN_RT_LOOKUP(tbn_rt_lookup_pair, TBN_RT_HALFWORD_PAIRS, 32u, 2u)
 
 static void tbn_rt_lookup(const float *t, uint32_t n, int kind, const uint16_t *tile, uint32_t stride, uint32_t rows,
                           float *y, uint32_t y_step, int accumulate) {

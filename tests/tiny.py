@@ -1,0 +1,18 @@
+"""Tiny models and data the tests build on the spot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+
+def tiny_bert_classifier(folder: Path, tokenizer_dir: Path, num_labels: int) -> Path:
+    """A randomly initialised 1-layer BERT classifier (width 32) saved with ``tokenizer_dir``'s tokenizer."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=64, num_labels=num_labels)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
