@@ -37,6 +37,8 @@ _LAZY = {
     "TBNHfQuantizer": "quantizer", "quantize_model": "quantizer",
     "TBNLoraLinear": "lora",  # needs peft
 }
+# public submodules (``hf_tbn.hub.save_tbn(...)`` works without importing hf_tbn.hub first)
+_SUBMODULES = {"distill", "embeddings", "hub", "qat", "tiling"}
 
 __all__ = ["__version__", *_LAZY]
 
@@ -48,4 +50,6 @@ def __getattr__(name: str) -> object:
         return version()
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'hf_tbn' has no attribute {name!r}")

@@ -6,6 +6,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .embeddings import DEFAULT_GROUP_SIZE, check_embedding_options
 from .kernels.backends import BACKEND_NAMES
 from .layers import ALPHA_PARAMS, FORMS
 from .tiling import ALPHA_MODES
@@ -32,6 +33,10 @@ class TBNConfig(QuantizationConfigMixin):
         backend: packed-forward compute: ``"auto"`` (Triton on CUDA, the compiled CPU kernel on
             CPU), ``"torch"``, ``"native"`` (the compiled CPU kernel) or ``"triton"``. A runtime
             preference: applied at conversion, never saved (change it with ``hf_tbn.set_backend``).
+        embedding_format: the modules TBN leaves dense (embeddings, tied or untied output heads)
+            compressed in the same checkpoint: None (kept as they are), ``"bfloat16"``,
+            ``"float16"``, ``"int8"`` (per row) or ``"int4"`` (per group), docs/embeddings.md.
+        embedding_group_size: the int4 group size.
         converted_layers: the resolved p of every converted layer, named relative to the base
             model (as transformers' ``base_model_prefix`` does), filled in by the conversion and
             saved in config.json so that a reload rebuilds exactly the same layers.
@@ -47,6 +52,8 @@ class TBNConfig(QuantizationConfigMixin):
         alpha_param: str = "latent",
         form: str = "latent",
         backend: str = "auto",
+        embedding_format: str | None = None,
+        embedding_group_size: int = DEFAULT_GROUP_SIZE,
         converted_layers: dict[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -68,6 +75,8 @@ class TBNConfig(QuantizationConfigMixin):
         self.alpha_param = alpha_param
         self.form = form
         self.backend = backend
+        self.embedding_format = embedding_format
+        self.embedding_group_size = embedding_group_size
         self.converted_layers = _mapping("converted_layers", converted_layers) or None
         self.post_init()
 
@@ -91,6 +100,7 @@ class TBNConfig(QuantizationConfigMixin):
         ):
             if value not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+        check_embedding_options(self.embedding_format, self.embedding_group_size)
         if self.alpha_param == "scalars" and self.alpha_mode == "per_layer":
             raise ValueError("alpha_param='scalars' learns one alpha per copy; it needs alpha_mode='per_tile'")
 
@@ -108,6 +118,8 @@ class TBNConfig(QuantizationConfigMixin):
             "alpha_mode": self.alpha_mode,
             "alpha_param": self.alpha_param,
             "form": self.form,
+            "embedding_format": self.embedding_format,
+            "embedding_group_size": self.embedding_group_size,
             "converted_layers": self.converted_layers,
         }
 

@@ -32,6 +32,7 @@ from transformers.quantizers.base import HfQuantizer
 from .checkpoint import FORMAT_VERSION, NEEDS_HF_TBN, checkpoint_forms, checkpoint_state_dict
 from .config import QUANT_METHOD, TBNConfig
 from .convert import convert_model, plan_conversion, relative_name, set_backend, set_form, tbn_layers
+from .embeddings import compress_dense_modules, decompress_dense_modules, init_compressed_modules
 from .version import version
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ class TBNHfQuantizer(HfQuantizer):
         ignored = model._keys_to_ignore_on_load_unexpected or set()
         model._keys_to_ignore_on_load_unexpected = {*ignored, re.escape(NEEDS_HF_TBN)}
         convert_model(model, config)
+        if config.embedding_format is not None and self.pre_quantized:
+            init_compressed_modules(model, config.embedding_format, config.embedding_group_size)
         for name, layer in tbn_layers(model):
             if forms.get(name) == "packed":
                 layer.pack()
@@ -119,6 +122,9 @@ class TBNHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         from .hub import tag_model
 
+        config = self.quantization_config
+        if config.embedding_format is not None and not self.pre_quantized:
+            compress_dense_modules(model, config.embedding_format, config.embedding_group_size)
         self._model = weakref.ref(model)
         for _, layer in tbn_layers(model):
             layer.__dict__.pop("_hf_loading", None)
@@ -166,6 +172,7 @@ class TBNHfQuantizer(HfQuantizer):
             if name in self._conv1d:
                 dense = _as_conv1d(dense)
             model.set_submodule(name, dense.to(dtype) if dtype is not None else dense)
+        decompress_dense_modules(model)
         return model
 
 

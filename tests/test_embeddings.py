@@ -281,3 +281,27 @@ def test_bad_options_and_checkpoints_name_the_culprit() -> None:
     state = {"weight": torch.zeros(10, 8, dtype=torch.int8), "weight_scale": torch.zeros(10, dtype=torch.float16)}
     with pytest.raises(ValueError, match=r"weight: checkpoint has \(10, 8\) torch.int8, words \(int8"):
         emb.load_state_dict(state)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_through_tbn_config_quantize_pack_reload(fmt: str, tied: bool, tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """TBNConfig(embedding_format=...): quantize on load, pack, save_pretrained, plain from_pretrained, dequantize."""
+    import hf_tbn
+
+    folder = tiny_llama(tmp_path / "fp", tied) if tied else tiny_llama_dir
+    config = hf_tbn.TBNConfig(min_compress_size=0, embedding_format=fmt)
+    model = hf_tbn.pack_model(LlamaForCausalLM.from_pretrained(folder, quantization_config=config)).eval()
+    assert isinstance(model.get_input_embeddings(), CompressedEmbedding) and list(hf_tbn.tbn_layers(model))
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path / "out")
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert again.config.quantization_config.embedding_format == fmt
+    assert isinstance(again.get_output_embeddings(), TiedCompressedLinear if tied else CompressedLinear)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, logits)
+        plain = again.dequantize()
+        assert type(plain.get_input_embeddings()) is nn.Embedding and not list(hf_tbn.tbn_layers(plain))
+        torch.testing.assert_close(plain(ids).logits, logits, rtol=5e-2, atol=5e-2 * logits.abs().max().item())

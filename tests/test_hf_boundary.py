@@ -239,3 +239,14 @@ def test_backend_is_not_saved_and_version_is(folders: dict[str, Path]) -> None:
     assert "backend" not in saved and saved["hf_tbn_version"] == hf_tbn.__version__
     model = hf_tbn.set_backend(BertForSequenceClassification.from_pretrained(folders["packed"]), "torch")
     assert {layer.backend for _, layer in tbn_layers(model)} == {"torch"}
+
+
+def test_version_in_safetensors_metadata_and_hub_tags_on_the_model(folders: dict[str, Path]) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(folders["packed"] / "model.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["hf_tbn_version"] == hf_tbn.__version__ and metadata["hf_tbn_format"] == "2"
+    model = BertForSequenceClassification.from_pretrained(folders["packed"])
+    assert set(hf_tbn.hub.TAGS) <= set(model.model_tags)  # a plain model.push_to_hub carries them
+    assert not BertForSequenceClassification.from_pretrained(folders["fp"]).model_tags
