@@ -1,12 +1,7 @@
 """The compiled launchers as torch custom ops, with fake implementations and the one backward they share.
 
-=============================  ================================================  ==========
-op                             runs                                              device
-=============================  ================================================  ==========
-``hf_tbn::tile_linear_native``  :func:`.native.tile_linear` (the C kernel)        CPU
-``hf_tbn::tile_linear_triton``  :func:`.triton_tbn.tile_linear` (Triton launch)   CUDA (CPU
-                                                                                  interpreted)
-=============================  ================================================  ==========
+- ``hf_tbn::tile_linear_native``: :func:`.native.tile_linear`, the C kernel (CPU).
+- ``hf_tbn::tile_linear_triton``: :func:`.triton_tbn.tile_linear`, the Triton launch (CUDA; CPU interpreted).
 
 Both take ``(x (M, K), tile, alpha, bias | None, rows, row0)`` and return ``(M, p * rows)`` in
 ``x``'s dtype (:mod:`.backends` documents the product). To ``torch.compile`` and ``torch.export`` each
