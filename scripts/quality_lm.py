@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback, Train
 from hf_tbn import TBNConfig, pack_model
 from hf_tbn.demos.models import smollm2_dir
 from hf_tbn.distill import DistillationTrainer, DistillConfig
-from hf_tbn.qat import DEFAULT_WARMUP, TBNTrainer
+from hf_tbn.qat import DEFAULT_WARMUP, TBNTrainer, set_blend
 
 FORTUNES = Path("/usr/share/games/fortunes")
 VARIANTS = "fp,1,2,4,8,4+distill,4+warmup+distill,8+warmup+distill"
@@ -79,13 +79,17 @@ def perplexity(model: LlamaForCausalLM, data: Blocks, batch: int = 8) -> float:
 
 
 class PerplexityAt(TrainerCallback):
-    """Held-out perplexity after the given optimizer steps (the model is put back in training mode)."""
+    """Held-out perplexity of the plain TBN model (no warm-up blend) after the given optimizer steps.
+
+    The model goes back to training mode; the warm-up sets its blend again at the next step.
+    """
 
     def __init__(self, data: Blocks, steps: list[int]) -> None:
         self.data, self.steps, self.curve = data, set(steps), {}
 
     def on_step_end(self, args, state, control, model=None, **kwargs) -> None:  # noqa: ANN001, ANN003
         if state.global_step in self.steps:
+            set_blend(model, 1.0)
             self.curve[state.global_step] = perplexity(model, self.data)
             model.train()
 
