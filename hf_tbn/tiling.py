@@ -100,12 +100,19 @@ def pack_bits(tile: torch.Tensor) -> torch.Tensor:
     return (bits.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
 
 
-def sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(256, 8)`` table: row ``b`` holds the 8 signs byte ``b`` encodes in the tile bit order."""
+def sign_table(dtype: torch.dtype, device: torch.device, cached: bool = True) -> torch.Tensor:
+    """``(256, 8)`` table: row ``b`` holds the 8 signs byte ``b`` encodes in the tile bit order.
+
+    Cached per dtype and device; ``cached=False`` builds it anew (while torch.compile or
+    AOTAutograd trace with fake tensors, a cached real tensor cannot enter the graph).
+    """
     key = (dtype, device)
-    if key not in _SIGN_TABLES:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        _SIGN_TABLES[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
+    if key not in _SIGN_TABLES or not cached:
+        bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
+        table = (bits * 2 - 1).to(dtype=dtype)
+        if not cached:
+            return table
+        _SIGN_TABLES[key] = table
     return _SIGN_TABLES[key]
 
 
@@ -113,7 +120,8 @@ def unpack_range(packed: torch.Tensor, start: int, length: int, dtype: torch.dty
     """Tile values ``start .. start + length`` as +-1 in ``dtype``, one table lookup per byte."""
     first, stop = start // 8, (start + length + 7) // 8
     used = packed if first == 0 and stop == packed.numel() else packed[first:stop]
-    values = sign_table(dtype, packed.device).index_select(0, used.int()).view(-1)
+    traced = type(packed) is not torch.Tensor or torch.compiler.is_compiling()  # fake or functional tensors
+    values = sign_table(dtype, packed.device, cached=not traced).index_select(0, used.int()).view(-1)
     return values if start % 8 == 0 and length == values.numel() else values[start % 8 : start % 8 + length]
 
 
@@ -192,7 +200,8 @@ def check_tile_operands(
     if tile.dtype != torch.uint8 or tile.dim() != 1 or tile.numel() * 8 < (row0 + rows) * k:
         need = (row0 + rows) * k
         raise ValueError(
-            f"{name}: tile must be 1-D uint8 holding {need} values, got {tile.dtype} {tuple(tile.shape)}"
+            f"{name}: tile must be 1-D uint8 holding {need} values (rows {row0} .. {row0 + rows} of {k} values), "
+            f"got {tile.dtype} {tuple(tile.shape)}"
         )
     if alpha.dim() != 1 or p == 0:
         raise ValueError(f"{name}: alpha must be a non-empty 1-D tensor, got shape {tuple(alpha.shape)}")

@@ -9,9 +9,7 @@ is one opaque node whose output shape comes from :func:`_fake`: dynamo never tra
 Triton launch, so a packed model compiles with ``fullgraph=True``. Autograd: :func:`_backward`,
 ``dL/dx = (sum_i alpha_i dL/dy_i) @ T`` (the tile reused too, computed with torch) and
 ``dL/dbias = sum_m dL/dy``; tile and alphas are fixed buffers (no gradient). AOTAutograd traces this
-backward with fake tensors and without dynamo, so it expands the tile rows by shifts
-(:func:`_tile_rows`), not through :func:`hf_tbn.tiling.unpack_range`, whose cached sign table is a
-real tensor that fake tracing refuses.
+backward with fake tensors, so :func:`hf_tbn.tiling.sign_table` builds its table anew while compiling.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import importlib
 
 import torch
 
+from ..tiling import unpack_range
 from . import native
 
 
@@ -51,21 +50,13 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     ctx.rows, ctx.row0, ctx.k = rows, row0, x.shape[1]
 
 
-def _tile_rows(tile: torch.Tensor, row0: int, rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """Tile rows ``row0 .. row0 + rows`` of ``k`` values as a ``(rows, k)`` matrix of +-1 (tiling's bit order)."""
-    start, stop = row0 * k, (row0 + rows) * k
-    shifts = torch.arange(8, dtype=torch.uint8, device=tile.device)
-    bits = (tile[start // 8 : (stop + 7) // 8].unsqueeze(1) >> shifts) & 1  # (bytes, 8): bit j % 8 of byte j // 8
-    return (bits.to(dtype) * 2 - 1).view(-1)[start % 8 : start % 8 + rows * k].view(rows, k)
-
-
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     tile, alpha = ctx.saved_tensors
     rows, k, p = ctx.rows, ctx.k, alpha.numel()
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         folded = (grad.reshape(-1, p, rows) * alpha.to(grad.dtype).view(1, p, 1)).sum(dim=1)  # (M, rows)
-        grad_x = folded @ _tile_rows(tile, ctx.row0, rows, k, grad.dtype)
+        grad_x = folded @ unpack_range(tile, ctx.row0 * k, rows * k, grad.dtype).view(rows, k)
     if ctx.needs_input_grad[3]:
         grad_bias = grad.sum(dim=0)
     return grad_x, None, None, grad_bias, None, None
