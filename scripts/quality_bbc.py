@@ -107,7 +107,7 @@ def main() -> None:
             print(f"bbc {variant} seed {seed}: {split_name} accuracy {acc:.2f}%  "
                   f"bits/weight {results[variant][-1].bits_converted:.3f}  {seconds:.0f}s", flush=True)
             last = seed == seeds[-1] and variant == variants[-1]
-            publish_rows(args.validation, metric, budget, [over_seeds(r, metric) for r in results.values() if r],
+            publish_rows(args.validation, metric, budget, [over_seeds(r, metric, True) for r in results.values() if r],
                          args.out, last)
 
 

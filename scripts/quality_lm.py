@@ -30,8 +30,8 @@ from hf_tbn.distill import DistillationTrainer, DistillConfig
 from hf_tbn.qat import DEFAULT_WARMUP, TBNTrainer, set_blend
 
 FORTUNES = Path("/usr/share/games/fortunes")
-VARIANTS = "fp,1,2,4,8,4+distill,4+warmup+distill,8+warmup+distill"
-QUICK_VARIANTS = "fp,4+warmup+distill"
+VARIANTS = "fp,1,2,4,8,4+distill,8+distill"
+QUICK_VARIANTS = "fp,4+distill"
 NOTES = ("'before' is the model as loaded (for TBN: right after conversion, no training); 'after N tokens': the same "
          "run scored part-way (its learning rate not yet annealed). Converted: every decoder Linear; the tied "
          "embeddings / lm_head stay full precision. +warmup: hf_tbn.qat.QuantizationWarmup; +distill: "

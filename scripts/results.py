@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,6 +52,7 @@ class Task:
     budget: dict[str, object]
     rows: list[Row]
     notes: str = ""
+    command: str = ""  # the script's options in the run that measured the rows
 
 
 def quality_parser(doc: str) -> argparse.ArgumentParser:
@@ -83,12 +86,10 @@ def measure(p: int | str | None, model: nn.Module, metrics: dict[str, float], se
     return Row(label, metrics, bits_converted, bits_model, ckpt, seconds, factors)
 
 
-def over_seeds(rows: Sequence[Row], metric: str) -> Row:
+def over_seeds(rows: Sequence[Row], metric: str, higher_is_better: bool) -> Row:
     """One row for the same variant run with several seeds: ``metric`` becomes the mean, with its
-    standard deviation, worst and best seed beside it (worst: lowest for accuracy-like metrics
-    named with ``%``, else highest); the other metrics and the train seconds are means."""
+    standard deviation and the worst seed beside it; the other metrics and the train seconds are means."""
     values = [r.metrics[metric] for r in rows]
-    higher_is_better = "%" in metric
     metrics = {name: statistics.fmean(r.metrics[name] for r in rows) for name in rows[0].metrics}
     metrics.update({f"{metric} std": statistics.stdev(values) if len(values) > 1 else 0.0,
                     "worst seed": min(values) if higher_is_better else max(values), "seeds": float(len(values))})
@@ -135,6 +136,7 @@ def publish(task: Task, out: Path = DOCS, show: bool = True) -> None:
 
     Scripts publish after every variant (a stopped run keeps what it measured) and show the table once, at the end.
     """
+    task.command = task.command or shlex.join(sys.argv[1:])
     if show:
         print(f"\n{task.title}\nbudget: {json.dumps(task.budget)}\n{format_table(task)}")
     store = out / "results"
@@ -160,7 +162,8 @@ def render(tasks: Sequence[Task]) -> str:
              "Bits per weight count packed tiles (whole bytes) plus fp32 scales; 'model' adds every other",
              "parameter and buffer at its stored dtype. Checkpoint: the state dict as safetensors.\n"]
     for t in tasks:
-        parts += [f"## {t.title}\n", f"Command: `.venv/bin/python scripts/quality_{t.name.split('-')[0]}.py`  ",
+        command = " ".join(filter(None, [f".venv/bin/python scripts/quality_{t.name.split('-')[0]}.py", t.command]))
+        parts += [f"## {t.title}\n", f"Command: `{command}`  ",
                   f"Budget: `{json.dumps(t.budget)}`\n", format_table(t), "",
                   f"![{t.metric} against bits per weight](results/{t.name}.png)\n"]
         if t.notes:
