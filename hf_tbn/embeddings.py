@@ -283,7 +283,21 @@ class CompressedEmbedding(CompressedWeight):
         return dense
 
 
-class CompressedLinear(CompressedWeight):
+class _Head:
+    """What both heads share: ``nn.Linear``'s sizes and ``x @ W.T (+ bias)`` from the compressed weight ``codes``."""
+
+    codes: CompressedWeight
+    bias: nn.Parameter | None
+
+    in_features = property(lambda self: self.codes.cols, doc="Inputs of the head (the embedding width).")
+    out_features = property(lambda self: self.codes.rows, doc="Outputs of the head (the vocabulary).")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.codes.matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class CompressedLinear(_Head, CompressedWeight):
     """Replacement for an untied ``nn.Linear`` head (``out_features`` rows of ``in_features``)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str, group_size: int = DEFAULT_GROUP_SIZE,
@@ -293,23 +307,15 @@ class CompressedLinear(CompressedWeight):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @property
-    def in_features(self) -> int:
-        return self.cols
-
-    @property
-    def out_features(self) -> int:
-        return self.rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+    def codes(self) -> CompressedWeight:
+        return self
 
     def dense_module(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the dequantized weight."""
         return _dense_linear(self.dequantized(), self.bias)
 
 
-class TiedCompressedLinear(nn.Module):
+class TiedCompressedLinear(_Head, nn.Module):
     """An output head tied to a :class:`CompressedEmbedding`: ``x @ E.T (+ bias)`` from the embedding's codes.
 
     It holds no codes (the embedding is referenced, not registered, so the model's state dict and
@@ -322,16 +328,8 @@ class TiedCompressedLinear(nn.Module):
         self.bias = bias
 
     @property
-    def in_features(self) -> int:
-        return self.embedding.cols
-
-    @property
-    def out_features(self) -> int:
-        return self.embedding.rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.embedding.matmul(x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+    def codes(self) -> CompressedWeight:
+        return self.embedding
 
     def dense_module(self, embedding: nn.Embedding) -> nn.Linear:
         """A plain ``nn.Linear`` sharing the weight of ``embedding`` (the dequantized, dense embedding)."""
@@ -375,10 +373,7 @@ def dense_module_names(model: nn.Module) -> list[str]:
 
 
 def compress_dense_modules(
-    model: nn.Module,
-    embedding_format: str,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    names: list[str] | None = None,
+    model: nn.Module, embedding_format: str, group_size: int = DEFAULT_GROUP_SIZE, names: list[str] | None = None
 ) -> list[str]:
     """Swap dense embeddings / linear heads of a loaded model for compressed ones, in place.
 
@@ -389,10 +384,7 @@ def compress_dense_modules(
 
 
 def init_compressed_modules(
-    model: nn.Module,
-    embedding_format: str,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    names: list[str] | None = None,
+    model: nn.Module, embedding_format: str, group_size: int = DEFAULT_GROUP_SIZE, names: list[str] | None = None
 ) -> list[str]:
     """Like :func:`compress_dense_modules`, but the new modules are empty, on the dense modules' device.
 

@@ -168,12 +168,7 @@ def resolve(requested: str, x: torch.Tensor, kind: LayerKind, row_length: int, l
 
 
 def linear(
-    x: torch.Tensor,
-    tile: torch.Tensor,
-    alpha: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: int,
-    backend: str,
+    x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, backend: str,
     layer_name: str,
 ) -> torch.Tensor:
     """A packed linear layer of ``rows = out/p`` tile rows: ``x`` ``(..., K)`` -> ``(..., out)``."""
@@ -184,13 +179,8 @@ def linear(
 
 
 def conv(
-    x: torch.Tensor,
-    tile: torch.Tensor,
-    alpha: torch.Tensor,
-    bias: torch.Tensor | None,
-    geometry: ConvGeometry,
-    backend: str,
-    layer_name: str,
+    x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry,
+    backend: str, layer_name: str,
 ) -> torch.Tensor:
     """A packed Conv1d / Conv2d layer on ``x`` (batched or not)."""
     row_length = math.prod(geometry.weight_shape[1:])

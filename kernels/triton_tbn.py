@@ -131,12 +131,7 @@ def _launch(
 
 
 def tile_linear(
-    x: torch.Tensor,
-    tile: torch.Tensor,
-    alpha: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: int,
-    row0: int = 0,
+    x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int = 0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(M, p * rows)``: block ``i`` is ``alpha_i * x @ T.T`` (+ bias), ``T`` = tile rows ``row0 .. row0+rows``.

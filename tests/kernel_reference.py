@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from hf_tbn import tiling
@@ -28,3 +30,14 @@ def reference(
     t = tiling.unpack_bits(bits, bits.numel() * 8, torch.float64)[: bits.numel() * 8 // k * k].view(-1, k)
     t = t[row0 : row0 + rows]
     return tiling.tiled_outputs(x.double() @ t.t(), alpha.double(), bias=None if bias is None else bias.double())
+
+
+def strided_row_offset_output(launcher: Callable[..., torch.Tensor], dtype: torch.dtype, rows: int, k: int, row0: int,
+                              p: int, m: int, seed: int) -> torch.Tensor:
+    """``launcher`` on a non-contiguous ``(m, k)`` input, tile rows from ``row0``, no bias; checked against the
+    reference, returned for further checks."""
+    bits, alpha, _ = random_tile(row0 + rows + 2, k, p, seed=seed)
+    x = torch.randn(k, m).to(dtype).t()  # (m, K), not contiguous
+    y = launcher(x, bits, alpha, None, rows, row0)
+    assert rel_err(y, reference(x, bits, alpha, None, rows, row0)) < TOL[dtype]
+    return y

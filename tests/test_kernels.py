@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_tbn.kernels import torch_path
-from kernel_reference import TOL, random_tile, reference, rel_err
+from kernel_reference import TOL, random_tile, reference, rel_err, strided_row_offset_output
 from torch import nn
 
 from hf_tbn import TBNConfig, TBNConv1d, TBNConv2d, TBNLinear, convert_model, pack_model, tiling
@@ -50,11 +50,7 @@ def test_kernel_writes_every_output_and_matches(m: int, p: int, dtype: torch.dty
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_kernel_strided_input_no_bias_row_offset(dtype: torch.dtype) -> None:
-    rows, k, row0, p = 6, 40, 3, 2
-    bits, alpha, _ = random_tile(row0 + rows + 2, k, p, seed=7)
-    x = torch.randn(k, 5).to(dtype).t()  # (5, K), not contiguous
-    y = triton_tbn.tile_linear(x, bits, alpha, None, rows, row0)
-    assert rel_err(y, reference(x, bits, alpha, None, rows, row0)) < TOL[dtype]
+    strided_row_offset_output(triton_tbn.tile_linear, dtype, rows=6, k=40, row0=3, p=2, m=5, seed=7)
 
 
 def test_kernel_rejects_bad_arguments() -> None:

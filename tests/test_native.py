@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_tbn.kernels import backends, native
-from kernel_reference import TOL, random_tile, reference, rel_err
+from kernel_reference import TOL, random_tile, reference, rel_err, strided_row_offset_output
 
 from hf_tbn import TBNLinear
 
@@ -52,12 +52,8 @@ def test_every_shape_every_lane_count(shape: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_activations_strided_row_offset_no_bias(dtype: torch.dtype) -> None:
-    rows, k, row0, p = 40, 64, 3, 4
-    bits, alpha, _ = random_tile(row0 + rows + 2, k, p, seed=5)
-    x = torch.randn(k, 6).to(dtype).t()  # (6, K), not contiguous
-    y = native.tile_linear(x, bits, alpha, None, rows, row0)
-    assert y.dtype == dtype and y.shape == (6, p * rows)
-    assert rel_err(y, reference(x, bits, alpha, None, rows, row0)) < TOL[dtype]
+    y = strided_row_offset_output(native.tile_linear, dtype, rows=40, k=64, row0=3, p=4, m=6, seed=5)
+    assert y.dtype == dtype and y.shape == (6, 4 * 40)
 
 
 def test_threads_give_the_same_result() -> None:
