@@ -197,11 +197,12 @@ class DistillationTrainer(TBNTrainer):
         if cfg.hidden_weight:
             inputs = {**inputs, "output_hidden_states": True}
         task, outputs = super().compute_loss(model, inputs, return_outputs=True)
-        with torch.no_grad():
-            teacher_out = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"})
-        student_logits = outputs["logits"]
         progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 1.0
         kl_weight = cfg.kl_weight_at(progress)
+        if kl_weight or cfg.hidden_weight:  # the teacher runs only while one of its terms counts
+            with torch.no_grad():
+                teacher_out = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"})
+        student_logits = outputs["logits"]
         loss = cfg.task_weight * task
         terms = {"task_loss": task}
         if kl_weight:
