@@ -23,10 +23,7 @@ class LayerRow:
     form: str
     weights: int
     packed_bytes: int
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.packed_bytes / self.weights
+    bits_per_weight: float  # the layer's own (hf_tbn.tiling.bits_per_weight)
 
 
 @dataclass(frozen=True)
@@ -42,7 +39,7 @@ class Summary:
 
     @property
     def bits_per_weight(self) -> float:
-        """Over the converted layers only (tile + scales)."""
+        """Averaged over the converted layers (their tile and alpha bytes over their weights)."""
         return 8 * self.converted_bytes / max(self.converted_weights, 1)
 
     @property
@@ -63,7 +60,7 @@ def layer_rows(model: nn.Module) -> list[LayerRow]:
 
 def _row(name: str, layer: TBNLayer) -> LayerRow:
     return LayerRow(name, type(layer).__name__, tuple(layer.weight_shape), layer.compression_factor, layer.form,
-                    layer.numel, layer.storage_bytes())
+                    layer.numel, layer.storage_bytes(), layer.bits_per_weight())
 
 
 def summarize(model: nn.Module) -> Summary:
