@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from results import Task, measure, over_seeds, parse_variant, publish, quality_parser
+from results import Task, add_variant_options, measure, over_seeds, parse_variant, publish, quality_parser
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model
@@ -27,7 +27,7 @@ from hf_tbn.demos.bbc import bbc_news, split
 from hf_tbn.demos.models import minilm_dir
 from hf_tbn.demos.train import accuracy, label_config, predict, tokenize
 from hf_tbn.distill import DistillationTrainer, DistillConfig
-from hf_tbn.qat import DEFAULT_WARMUP, TBNTrainer
+from hf_tbn.qat import TBNTrainer
 
 VARIANTS = "fp,1,2,4,8,16,4+warmup,8+warmup,16+warmup"
 QUICK_VARIANTS = "fp,4+warmup+distill"
@@ -39,14 +39,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--max-length", type=int, default=64, help="tokens per article")
-    parser.add_argument("--variants", help=f"comma-separated (default {VARIANTS})")
     parser.add_argument("--seeds", help="comma-separated seeds (default: --seed)")
-    parser.add_argument("--validation", action="store_true", help="score on a validation split of the training data")
-    parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")
-    parser.add_argument("--kl-weight", type=float, default=DistillConfig.kl_weight)
-    parser.add_argument("--temperature", type=float, default=DistillConfig.temperature)
-    parser.add_argument("--kl-start", type=float, default=DistillConfig.kl_start)
-    parser.add_argument("--kl-ramp", type=float, default=DistillConfig.kl_ramp)
+    add_variant_options(parser, VARIANTS)
     args = parser.parse_args()
     variants = [v for v in (args.variants or (QUICK_VARIANTS if args.quick else VARIANTS)).split(",") if v]
     plan = [parse_variant(v) for v in variants]

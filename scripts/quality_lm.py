@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-from results import Task, measure, parse_variant, publish, quality_parser
+from results import Task, add_variant_options, measure, parse_variant, publish, quality_parser
 from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model
 from hf_tbn.demos.models import smollm2_dir
 from hf_tbn.distill import DistillationTrainer, DistillConfig
-from hf_tbn.qat import DEFAULT_WARMUP, TBNTrainer, set_blend
+from hf_tbn.qat import TBNTrainer, set_blend
 
 FORTUNES = Path("/usr/share/games/fortunes")
 VARIANTS = "fp,1,2,4,8,4+distill,8+distill"
@@ -103,13 +103,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-blocks", type=int, default=64)
     parser.add_argument("--eval-at", default="0.25,0.5", help="fractions of the run, besides its end, to score at")
-    parser.add_argument("--variants", help=f"comma-separated (default {VARIANTS})")
-    parser.add_argument("--validation", action="store_true", help="score on blocks taken from the training split")
-    parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")
-    parser.add_argument("--kl-weight", type=float, default=DistillConfig.kl_weight)
-    parser.add_argument("--task-weight", type=float, default=DistillConfig.task_weight)
-    parser.add_argument("--temperature", type=float, default=DistillConfig.temperature)
-    parser.add_argument("--hidden-weight", type=float, default=DistillConfig.hidden_weight)
+    add_variant_options(parser, VARIANTS)
     args = parser.parse_args()
     variants = [v for v in (args.variants or (QUICK_VARIANTS if args.quick else VARIANTS)).split(",") if v]
     plan = [parse_variant(v) for v in variants]

@@ -64,6 +64,19 @@ def quality_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_variant_options(parser: argparse.ArgumentParser, default: str) -> None:
+    """The options of the Trainer-based scripts: ``--variants`` (see :func:`parse_variant`), ``--validation``,
+    the warm-up fraction and the distillation weights."""
+    from hf_tbn.distill import DistillConfig
+    from hf_tbn.qat import DEFAULT_WARMUP
+
+    parser.add_argument("--variants", help=f"comma-separated (default {default})")
+    parser.add_argument("--validation", action="store_true", help="score on a validation split of the training data")
+    parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")
+    for field_name in ("kl_weight", "task_weight", "temperature", "kl_start", "kl_ramp", "hidden_weight"):
+        parser.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=getattr(DistillConfig, field_name))
+
+
 def parse_variant(variant: str) -> tuple[int | None, bool, bool]:
     """A variant of the Trainer-based scripts: ``fp`` or ``P`` (TBN p = P), then optionally ``+warmup``
     (hf_tbn.qat's dense-to-tiled warm-up) and ``+distill`` (hf_tbn.distill).

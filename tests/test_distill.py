@@ -13,26 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import Tokens
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model, tbn_layers
 from hf_tbn.distill import DistillationTrainer, DistillConfig, hidden_loss, kl_loss, load_teacher
 
 TBN = TBNConfig(min_compress_size=0)
-
-
-class Tokens(torch.utils.data.Dataset):
-    """A fixed, learnable language: each sequence counts up from a random start (mod vocab)."""
-
-    def __init__(self, n: int = 32, length: int = 12, vocab: int = 96) -> None:
-        starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(0))
-        self.ids = (starts + torch.arange(length)) % vocab
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def targs(out: Path, steps: int = 6, batch: int = 8, **kwargs: object) -> TrainingArguments:

@@ -7,25 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import Tokens
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model, tbn_layers, to_latent_model
 
 STEPS = 8
-
-
-class Tokens(torch.utils.data.Dataset):
-    """A fixed, learnable language: each sequence counts up from a random start (mod vocab)."""
-
-    def __init__(self, n: int, length: int, vocab: int) -> None:
-        starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(0))
-        self.ids = (starts + torch.arange(length)) % vocab
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 @pytest.fixture

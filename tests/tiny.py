@@ -16,3 +16,17 @@ def tiny_bert_classifier(folder: Path, tokenizer_dir: Path, num_labels: int) -> 
     BertForSequenceClassification(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     return folder
+
+
+class Tokens(torch.utils.data.Dataset):
+    """A fixed, learnable language: each sequence counts up from a random start (mod vocab)."""
+
+    def __init__(self, n: int = 32, length: int = 12, vocab: int = 96) -> None:
+        starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(0))
+        self.ids = (starts + torch.arange(length)) % vocab
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
