@@ -221,8 +221,7 @@ class TBNLayer(nn.Module):
         if self.form == "latent":
             return self._apply_weight(x, self._latent_w_hat(), self.bias)
         # the dense ops check this themselves; the tile kernels cannot (a row length is not stored)
-        features = x.shape[-1] if isinstance(self, TBNLinear) else x.shape[-1 - len(self.weight_shape[2:])]
-        expected = self.weight_shape[1] * getattr(self, "groups", 1)
+        features, expected = self._input_width(x), self.weight_shape[1] * getattr(self, "groups", 1)
         if features != expected:
             raise ValueError(f"{self.layer_name}: input has {features} features or channels, the layer takes "
                              f"{expected}")
@@ -233,6 +232,10 @@ class TBNLayer(nn.Module):
 
     def _apply_tile(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _input_width(self, x: torch.Tensor) -> int:
+        """Input features (linear) or channels (conv) of ``x``."""
+        return x.shape[-1 - len(self.weight_shape[2:])]
 
     # -- conversions between the forms ---------------------------------------------------
     @torch.no_grad()
