@@ -31,7 +31,7 @@ from torch import nn
 
 from .config import TBNConfig
 from .convert import logical_weight, relative_name, tbn_layers
-from .tiling import packed_nbytes
+from .tiling import check_alpha_finite, packed_nbytes
 
 FORMAT_VERSION = "2"
 # A one-byte tensor every TBN checkpoint carries: transformers without hf_tbn lists it, and so says what to do.
@@ -140,8 +140,7 @@ def checkpoint_forms(
             check("bias", (shape[0],), FLOATS)
         forms[name] = config.form
     for key, alpha in read_tensors(files, {header.source(k) for k in alpha_keys}).items():
-        if not torch.isfinite(alpha).all():
-            raise ValueError(f"checkpoint {key!r}: alphas must be finite, got {alpha.tolist()[:8]}")
+        check_alpha_finite(f"checkpoint {key!r}", alpha)
     return forms
 
 

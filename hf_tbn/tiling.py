@@ -187,6 +187,12 @@ def tiled_outputs(
     return y.flatten(dim, dim + 1)
 
 
+def check_alpha_finite(where: str, alpha_values: torch.Tensor) -> None:
+    """ValueError (prefixed by ``where``, e.g. the checkpoint key) unless every alpha is finite."""
+    if not torch.isfinite(alpha_values).all():
+        raise ValueError(f"{where}: alphas must be finite, got {alpha_values.tolist()[:8]}")
+
+
 def check_tile_operands(
     name: str, x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int,
     row0: int,
