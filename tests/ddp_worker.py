@@ -54,6 +54,10 @@ def main(model_dir: str, out_dir: str, mode: str, batch: int, steps: int) -> Non
             result[f"{name}.tile"], result[f"{name}.alpha"] = _whole(layer.tile), _whole(layer.alpha)
     result["world_size"] = torch.tensor(args.world_size)
     torch.save(result, Path(out_dir) / f"rank{args.process_index}.pt")
+    # gloo's threads must stop before the interpreter exits, or a rank may abort in teardown
+    # ("terminate called without an active exception", seen once in a CI-like run)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -195,6 +195,8 @@ def worker(fp_dir: str, out_dir: str, batch: int, steps: int) -> None:
         result[f"{name}.tile"] = layer.tile.clone()
     result["world_size"] = torch.tensor(args.world_size)
     torch.save(result, Path(out_dir) / f"rank{args.process_index}.pt")
+    if torch.distributed.is_initialized():  # stop gloo's threads before exit (see tests/ddp_worker.py)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
