@@ -15,11 +15,21 @@ not used at all), otherwise on the test split.
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
 import torch
-from results import Task, add_variant_options, measure, over_seeds, parse_variant, publish, quality_parser
+from results import (
+    Task,
+    add_variant_options,
+    checkpoint_bytes,
+    measure,
+    over_seeds,
+    parse_variant,
+    publish,
+    quality_parser,
+)
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model
@@ -27,6 +37,7 @@ from hf_tbn.demos.bbc import bbc_news, split
 from hf_tbn.demos.models import minilm_dir
 from hf_tbn.demos.train import accuracy, label_config, predict, tokenize
 from hf_tbn.distill import DistillationTrainer, DistillConfig
+from hf_tbn.embeddings import compress_dense_modules
 from hf_tbn.qat import TBNTrainer
 
 VARIANTS = "fp,1,2,4,8,16,4+warmup,8+warmup,16+warmup"
@@ -97,12 +108,28 @@ def main() -> None:
             else:
                 pack_model(model)
             acc = 100 * accuracy(predict(model, scored, collate), scored["labels"])
-            results[variant].append(measure(f"p={variant}" if p is not None else None, model, {metric: acc}, seconds))
+            metrics = {metric: acc}
+            if p is not None:
+                metrics.update(compressed_embedding_metrics(model, scored, collate, split_name))
+            results[variant].append(measure(f"p={variant}" if p is not None else None, model, metrics, seconds))
             print(f"bbc {variant} seed {seed}: {split_name} accuracy {acc:.2f}%  "
                   f"bits/weight {results[variant][-1].bits_converted:.3f}  {seconds:.0f}s", flush=True)
             last = seed == seeds[-1] and variant == variants[-1]
             publish_rows(args.validation, metric, budget, [over_seeds(r, metric, True) for r in results.values() if r],
                          args.out, last)
+
+
+def compressed_embedding_metrics(model: torch.nn.Module, scored, collate, split_name: str) -> dict[str, float]:
+    """Accuracy and checkpoint size of the trained packed model with its embeddings and head compressed
+    afterwards (``hf_tbn.embeddings``, as ``TBNConfig.embedding_format`` stores them), for int8 and int4."""
+    metrics = {}
+    for fmt in ("int8", "int4"):
+        compressed = copy.deepcopy(model)
+        compress_dense_modules(compressed, fmt)
+        metrics[f"{split_name} accuracy % ({fmt} embeddings)"] = 100 * accuracy(
+            predict(compressed, scored, collate), scored["labels"])
+        metrics[f"checkpoint KB ({fmt} embeddings)"] = checkpoint_bytes(compressed) / 1024
+    return metrics
 
 
 def publish_rows(validation: bool, metric: str, budget: dict, rows: list, out: Path, show: bool) -> None:

@@ -134,12 +134,13 @@ def checkpoint_bytes(model: nn.Module) -> int:
 
 def format_table(task: Task) -> str:
     """The task's table as markdown (also what the script prints)."""
-    metric_names = list(task.rows[0].metrics)
+    metric_names = list(dict.fromkeys(name for r in task.rows for name in r.metrics))  # "-": a row without it
     head = ["variant", *metric_names, "bits/weight (converted)", "bits/weight (model)", "checkpoint KB", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in task.rows:
-        cells = [r.variant, *(f"{r.metrics[m]:.4g}" for m in metric_names), f"{r.bits_converted:.3f}",
-                 f"{r.bits_model:.3f}", f"{r.checkpoint_bytes / 1024:.1f}", f"{r.train_seconds:.0f}"]
+        values = (f"{r.metrics[m]:.4g}" if m in r.metrics else "-" for m in metric_names)
+        cells = [r.variant, *values, f"{r.bits_converted:.3f}", f"{r.bits_model:.3f}",
+                 f"{r.checkpoint_bytes / 1024:.1f}", f"{r.train_seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
