@@ -47,6 +47,11 @@ def test_quality_lm_quick(tmp_path: Path, smollm2_dir: Path) -> None:
     check_published(tmp_path, stdout, ["lm"], 2)
 
 
+def test_quality_lm_scratch_quick(tmp_path: Path) -> None:
+    stdout = run_script("quality_lm_scratch.py", "--quick", "--out", str(tmp_path))
+    check_published(tmp_path, stdout, ["lm_scratch"], 2)
+
+
 def check_published(out: Path, stdout: str, tasks: list[str], variants: int) -> None:
     """results.md holds exactly the tables the script printed, and every task has its plot."""
     printed = table_lines(stdout)

@@ -1,0 +1,125 @@
+"""Causal language modelling from scratch: a small byte-level Llama on the Debian ``fortunes`` text, fp vs TBN.
+
+Every variant starts from the same freshly initialised ``LlamaForCausalLM`` (seeded), TBN variants
+converted before training with :func:`hf_tbn.quantize_model` (every decoder Linear tiled; the
+embeddings and the lm_head stay full precision, as the quantizer decides), and trains with the same
+budget (steps, batch, learning rate and schedule, seed). Text and splits as in quality_lm.py (5% of
+the fortunes held out, shuffled with the seed), tokenized as UTF-8 bytes (vocabulary 256), so the
+tiled layers are most of the model and the perplexity is per byte. Variants as in quality_bbc.py:
+``fp``, ``P``, ``P+warmup``, ``P+distill`` (teacher: the ``fp`` variant trained with the same seed,
+so ``fp`` must come first). ``--validation`` scores on blocks from the end of the training split
+(for choosing settings such as ``--lr``), otherwise on the held-out fortunes. Why this model and
+budget: docs/quality.md ("Language modelling from scratch").
+
+    .venv/bin/python scripts/quality_lm_scratch.py --seeds 0,1,2                   # full grid, writes docs/
+    .venv/bin/python scripts/quality_lm_scratch.py --validation --variants fp,4 --lr 2e-3 --out /tmp/v
+    .venv/bin/python scripts/quality_lm_scratch.py --quick --out /tmp/q           # CI smoke run
+"""
+
+from __future__ import annotations
+
+import time
+
+from quality_lm import Blocks, fortunes, perplexity
+from results import Task, add_variant_options, measure, over_seeds, parse_variant, publish, quality_parser
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, set_seed
+
+from hf_tbn import TBNConfig, pack_model, quantize_model
+from hf_tbn.distill import DistillationTrainer, DistillConfig
+from hf_tbn.qat import TBNTrainer
+
+VARIANTS = "fp,1,4,8"
+QUICK_VARIANTS = "fp,4+warmup+distill"
+METRIC = "perplexity"
+HIDDEN = 256  # every decoder Linear then has >= 65,536 weights, above TBNConfig's min_compress_size (64,000)
+NOTES = ("Byte-level (vocabulary 256) Llama trained from scratch; perplexity per byte. Converted: every decoder "
+         "Linear; embeddings, norms and the lm_head stay full precision. 'x fp': the variant's perplexity over fp's "
+         "with the same seed (a mean of per-seed ratios). +warmup: hf_tbn.qat.QuantizationWarmup; +distill: "
+         "hf_tbn.distill.DistillationTrainer, teacher = the fp row's model trained with the same seed.")
+
+
+def encode_bytes(text: str) -> dict[str, list[int]]:
+    """The byte-level tokenizer: UTF-8 bytes as token ids (what quality_lm.fortunes calls a tokenizer)."""
+    return {"input_ids": list(text.encode("utf-8"))}
+
+
+def scratch_model(layers: int, block: int, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised byte-level Llama: ``layers`` blocks of width 256, 4 heads, MLP 1024 (5.4M parameters
+    with 5 layers), seeded so every variant of a seed starts from the same weights."""
+    set_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=layers,
+                         num_attention_heads=HIDDEN // 64, num_key_value_heads=HIDDEN // 64,
+                         max_position_embeddings=block, tie_word_embeddings=False, bos_token_id=None,
+                         eos_token_id=None, pad_token_id=None)
+    return LlamaForCausalLM(config)
+
+
+def main() -> None:
+    parser = quality_parser(__doc__)
+    parser.add_argument("--layers", type=int, default=5, help="decoder blocks (width 256)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=8, help="blocks per step")
+    parser.add_argument("--block", type=int, default=128, help="bytes per block")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--eval-blocks", type=int, default=256)
+    parser.add_argument("--seeds", help="comma-separated seeds (default: --seed)")
+    add_variant_options(parser, VARIANTS)
+    args = parser.parse_args()
+    variants = [v for v in (args.variants or (QUICK_VARIANTS if args.quick else VARIANTS)).split(",") if v]
+    plan = [parse_variant(v) for v in variants]
+    if any(distill for _, _, distill in plan) and variants[0] != "fp":
+        raise ValueError("a +distill variant needs the fp variant first (its teacher)")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    distill = DistillConfig(kl_weight=args.kl_weight, task_weight=args.task_weight, temperature=args.temperature,
+                            kl_start=args.kl_start, kl_ramp=args.kl_ramp, hidden_weight=args.hidden_weight)
+    layers, steps, block = (1, 2, 32) if args.quick else (args.layers, args.steps, args.block)
+    n_eval = 4 if args.quick else args.eval_blocks
+    split_name = "validation" if args.validation else "held-out"
+    budget = {"layers": layers, "hidden": HIDDEN, "vocab": 256, "steps": steps, "batch_size": args.batch,
+              "block_bytes": block, "lr": args.lr, "scheduler": "cosine, 5% warm-up", "optimizer": "AdamW",
+              "seeds": seeds, "scored_on": split_name, "warmup": args.warmup,
+              "distill": vars(distill) if any(d for _, _, d in plan) else None}
+    results: dict[str, list] = {v: [] for v in variants}
+    for seed in seeds:
+        train, test = fortunes(encode_bytes, block, seed)
+        if args.validation:
+            train, test = Blocks(train.ids[:-n_eval]), Blocks(train.ids[-n_eval:])
+        test = Blocks(test.ids[:n_eval])
+        budget.update(train_blocks=len(train), eval_bytes=test.ids.numel())
+        teacher, fp_perplexity = None, None
+        for variant, (p, warmup, use_teacher) in zip(variants, plan, strict=True):
+            model = scratch_model(layers, block, seed)
+            budget["parameters"] = sum(t.numel() for t in model.parameters())
+            if p is not None:
+                quantize_model(model, TBNConfig(compression_factor=p))
+            targs = TrainingArguments(
+                output_dir=str(args.out / "trainer-tmp"), max_steps=steps, per_device_train_batch_size=args.batch,
+                learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no",
+                report_to="none", use_cpu=True, seed=seed, data_seed=seed, logging_steps=50, disable_tqdm=True,
+            )
+            common = {"model": model, "args": targs, "train_dataset": train, "warmup": args.warmup if warmup else 0.0}
+            start = time.time()
+            if use_teacher:
+                DistillationTrainer(**common, teacher=teacher, distill=distill).train()
+            else:
+                TBNTrainer(**common).train()
+            seconds = time.time() - start
+            if p is None:
+                teacher = model
+            else:
+                pack_model(model)
+            value = perplexity(model, test)
+            fp_perplexity = value if p is None else fp_perplexity
+            metrics = {METRIC: value} | ({"x fp": value / fp_perplexity} if fp_perplexity else {})
+            results[variant].append(measure(f"p={variant}" if p is not None else None, model, metrics, seconds))
+            print(f"lm_scratch {variant} seed {seed}: {split_name} perplexity {value:.3f}"
+                  + (f" ({value / fp_perplexity:.3f}x fp)" if fp_perplexity else "")
+                  + f"  bits/weight {results[variant][-1].bits_converted:.3f}  {seconds:.0f}s", flush=True)
+            title = f"Byte-level Llama ({layers}x{HIDDEN}) trained from scratch on fortunes: {split_name} perplexity"
+            rows = [over_seeds(r, METRIC, False) for r in results.values() if r]
+            publish(Task("lm_scratch-validation" if args.validation else "lm_scratch", title, METRIC, False, budget,
+                         rows, notes=NOTES), args.out, seed == seeds[-1] and variant == variants[-1])
+
+
+if __name__ == "__main__":
+    main()
