@@ -248,7 +248,9 @@ def train(args: argparse.Namespace) -> int:
     parser.set_defaults(output_dir=f"{first.out}-checkpoints")
     own, training, cli = parser.parse_args_into_dataclasses(args.rest)
     src, data, out, checkpoints = Path(cli.src), Path(cli.data), Path(cli.out), Path(training.output_dir)
-    check_output(out, [src, data, checkpoints], cli.overwrite)
+    distill = qat.distill_config(own)
+    teacher = [Path(own.teacher)] if own.teacher is not None and Path(own.teacher).exists() else []
+    check_output(out, [src, data, checkpoints, *teacher], cli.overwrite)
     check_output(checkpoints, [src], overwrite=True)
     if not own.resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
         raise UserError(f"{checkpoints}: not empty; pass --resume to continue from its last checkpoint, "
@@ -266,10 +268,12 @@ def train(args: argparse.Namespace) -> int:
                                   qat.label_names(train_set, own.label_column) if classify else None)
     tokenizer = AutoTokenizer.from_pretrained(src)
     label_column, names = (own.label_column, qat.model_labels(model)) if classify else (None, None)
+    if distill is not None:
+        qat.check_teacher(src, own.teacher, names)
     train_set, eval_set = (None if d is None else qat.tokenize(d, tokenizer, own.max_length, own.text_column,
                                                               label_column, names) for d in (train_set, eval_set))
     existed = checkpoints.exists()
-    trainer = qat.make_trainer(model, training, own.task, tokenizer, train_set, eval_set)
+    trainer = qat.make_trainer(model, training, own.task, tokenizer, train_set, eval_set, distill, own.teacher)
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
@@ -295,7 +299,8 @@ def train_parser(*dataclasses: type) -> argparse.ArgumentParser:
 
     parser = Parser(dataclasses, prog="hf-tbn train",
                     description="QAT fine-tuning with Trainer. SRC is a TBN folder, or a full-precision folder "
-                                "quantized on load with --p etc.; DATA a .csv, .json/.jsonl or .parquet file.")
+                                "quantized on load with --p etc.; DATA a .csv, .json/.jsonl or .parquet file. "
+                                "--distill adds a full-precision teacher (docs/distillation.md).")
     parser.add_argument("src", help="TBN or full-precision transformers model folder")
     parser.add_argument("data", help="training data: .csv (header line), .json/.jsonl or .parquet")
     add_output_args(parser)

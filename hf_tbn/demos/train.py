@@ -8,7 +8,7 @@ form (docs/huggingface.md, "Train (quantization-aware training)").
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from hf_tbn import TBNConfig, to_latent_model
+from hf_tbn.distill import DistillationTrainer, DistillConfig
 
 Task = Literal["classification", "causal-lm"]
 TASKS: tuple[str, ...] = get_args(Task)
@@ -53,7 +54,65 @@ class TrainArguments:
     max_length: int = field(default=128, metadata={"help": "tokens per example (longer texts are truncated)"})
     pack: bool = field(default=False, metadata={"help": "save the packed form instead of the latent form"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output_dir"})
-    # The distillation options (a teacher model) are added here and used in make_trainer.
+    distill: bool = field(default=False, metadata={
+        "help": "add distillation from a full-precision teacher to the loss (docs/distillation.md)"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "--distill's teacher, a full-precision folder or Hub id; unset: SRC before conversion "
+                "(a TBN SRC or a new classification head needs one)"})
+    # DistillConfig's fields, with its defaults (hidden_layers keeps its own: every layer).
+    kl_weight: float = field(default=DistillConfig.kl_weight, metadata={"help": "--distill: final KL weight"})
+    temperature: float = field(default=DistillConfig.temperature, metadata={"help": "--distill: KL temperature"})
+    task_weight: float = field(default=DistillConfig.task_weight, metadata={
+        "help": "--distill: weight of the task loss (0: distillation only)"})
+    kl_start: float = field(default=DistillConfig.kl_start, metadata={
+        "help": "--distill: fraction of training before the KL term starts"})
+    kl_ramp: float = field(default=DistillConfig.kl_ramp, metadata={
+        "help": "--distill: fraction of training over which the KL weight then rises to --kl_weight"})
+    hidden_weight: float = field(default=DistillConfig.hidden_weight, metadata={
+        "help": "--distill: weight of the hidden-state term (0: off)"})
+
+
+# The TrainArguments that set the DistillConfig field of the same name.
+DISTILL_OPTIONS = tuple(f.name for f in fields(DistillConfig) if f.name in {g.name for g in fields(TrainArguments)})
+
+
+def distill_config(args: TrainArguments) -> DistillConfig | None:
+    """The distillation settings of ``args.distill``; None without it, when its options must keep their defaults."""
+    given = {name: getattr(args, name) for name in DISTILL_OPTIONS}
+    if args.distill:
+        return DistillConfig(**given)
+    unused = [name for name, value in given.items() if value != getattr(DistillConfig, name)]
+    unused += ["teacher"] if args.teacher is not None else []
+    if unused:
+        raise ValueError(f"--{unused[0]} is an option of --distill, which is not given")
+    return None
+
+
+def check_teacher(src: Path, teacher: str | None, labels: list[str] | None) -> None:
+    """Refuse a ``--distill`` teacher that would teach noise, before it is loaded.
+
+    Without ``teacher`` the teacher is ``src`` before conversion (:func:`hf_tbn.distill.load_teacher`):
+    ``src`` must be full precision and, for classification (``labels``: the student's classes in id
+    order), a classifier of exactly these classes, since a new head is untrained. A given teacher
+    must name the student's classes in the same order (or leave them unnamed, ``LABEL_i``).
+    """
+    source = str(src) if teacher is None else teacher
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as e:
+        raise ValueError(f"--teacher {source}: {str(e).splitlines()[0]}") from None
+    if teacher is None and getattr(config, "quantization_config", None) is not None:
+        raise ValueError(f"--distill: {src} is already TBN, so it cannot be the teacher; pass --teacher, "
+                         "a full-precision model (folder or Hub id) of the same architecture")
+    if labels is None:
+        return
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    if teacher is None and names != labels:
+        raise ValueError(f"--distill: {src}'s classification head is not trained on the data's classes {labels} "
+                         f"(it has {names}), so it would teach noise; fine-tune a full-precision classifier "
+                         "on the data first and pass it with --teacher")
+    if names != labels and names != [f"LABEL_{i}" for i in range(len(labels))]:
+        raise ValueError(f"--teacher {teacher}: its classes {names} are not the student's {labels} in this order")
 
 
 def load_data(data: Path, args: TrainArguments, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -162,17 +221,25 @@ def _classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
 
 
 def make_trainer(model: PreTrainedModel, args: TrainingArguments, task: str, tokenizer: PreTrainedTokenizerBase,
-                 train: Dataset, evaluation: Dataset | None = None) -> Trainer:
-    """Trainer with the task's collator and metrics (accuracy for classification; loss, perplexity after)."""
+                 train: Dataset, evaluation: Dataset | None = None, distill: DistillConfig | None = None,
+                 teacher: str | None = None) -> Trainer:
+    """Trainer with the task's collator and metrics (accuracy for classification; loss, perplexity after).
+
+    With ``distill``, a :class:`hf_tbn.distill.DistillationTrainer` with that loss and ``teacher``
+    (None: the checkpoint ``model`` was loaded from, before conversion).
+    """
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     classify = check_task(task) == "classification"
     collate = DataCollatorWithPadding(tokenizer) if classify else DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    # The distillation option plugs in here: a Trainer whose loss adds the teacher's.
-    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, data_collator=collate,
-                   processing_class=tokenizer, compute_metrics=_classification_metrics if classify else None)
+    common = {"model": model, "args": args, "train_dataset": train, "eval_dataset": evaluation,
+              "data_collator": collate, "processing_class": tokenizer,
+              "compute_metrics": _classification_metrics if classify else None}
+    if distill is None:
+        return Trainer(**common)
+    return DistillationTrainer(**common, teacher=teacher, distill=distill)
 
 
 def evaluate(trainer: Trainer, task: str) -> dict[str, float]:
