@@ -15,8 +15,9 @@ checkpoint without hf_tbn meets a shape mismatch, which transformers refuses, in
 the codes to float (same shape) or initialising a missing ``weight`` at random.
 
 An embedding lookup dequantizes only the rows it reads. A head computes ``x @ W.T`` without a
-dense copy of ``W``: small inputs (decoding) on torch's CPU weight-only kernels with bfloat16
-activations, larger ones block by block. A tied head holds no tensors of its own: it computes
+dense copy of ``W``: small inputs (decoding) on a CPU weight-only kernel (int8: hf_tbn's compiled
+kernel with float32 activations, or torch's with bfloat16 ones when it cannot be built; int4:
+torch's), larger ones block by block. A tied head holds no tensors of its own: it computes
 from the compressed embedding it is tied to.
 """
 
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import native
+
 EMBEDDING_FORMATS: tuple[str, ...] = ("bfloat16", "float16", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
 _FLOAT_FORMATS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,6 +38,8 @@ _LEVELS = {"int8": 127, "int4": 7}
 # Inputs of at most this many rows use torch's weight-only CPU kernels, whose time grows with the
 # rows; larger inputs dequantize blocks of rows into a GEMM (docs/embeddings.md).
 KERNEL_MAX_ROWS = 16
+# torch's CPU int8 kernel returns garbage (no error) unless the row length is a multiple of this (torch 2.13).
+_INT8_TORCH_KERNEL_COLS = 16
 # torch's CPU int4 kernel accepts only these group sizes, and row counts divisible by 16.
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 _BLOCK_ELEMENTS = 1 << 20  # weights dequantized at a time on the blocked path (4 MB in float32)
@@ -128,7 +133,7 @@ class CompressedWeight(nn.Module):
         if fmt == "int4" and cols % group_size:
             raise ValueError(f"{self.layer_name}: int4 group size {group_size} does not divide the row length {cols}")
         self.rows, self.cols, self.fmt, self.group_size, self.dtype = rows, cols, fmt, group_size, dtype
-        self._int4_kernel: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._operands: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # see _kernel_operands
         for key, (shape, stored) in self.expected_tensors().items():
             self.register_buffer(key, torch.zeros(shape, dtype=stored, device=device))
 
@@ -180,13 +185,16 @@ class CompressedWeight(nn.Module):
         needs_grad = torch.is_grad_enabled() and x2d.requires_grad  # the kernels have no autograd formula
         if x2d.device.type != "cpu" or x2d.shape[0] > KERNEL_MAX_ROWS or needs_grad:
             return None
-        if self.fmt == "int8":
+        if self.fmt == "int8" and (native.native_error() is None or self.cols % _INT8_TORCH_KERNEL_COLS == 0):
             return self._int8_kernel
         if self.rows % 16 == 0 and self.group_size in _INT4_KERNEL_GROUPS:
             return self._int4_kernel_matmul
         return None
 
     def _int8_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        if native.native_error() is None:  # float32 activations, faster than torch's kernel (docs/embeddings.md)
+            codes, scale = self._kernel_operands()
+            return native.int8_linear(x2d, codes, scale).to(x2d.dtype)
         if self.weight.data_ptr() % 64:  # e.g. mapped from a safetensors file (8-byte aligned): copy once
             self.weight = _aligned(self.weight)
         w = self.weight.view(self.rows, self.cols)
@@ -195,28 +203,32 @@ class CompressedWeight(nn.Module):
         return y.to(x2d.dtype)
 
     def _int4_kernel_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        packed, scale_zeros = self._int4_kernel_operands()
+        packed, scale_zeros = self._kernel_operands()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.bfloat16(), packed, self.group_size, scale_zeros)
         return y.to(x2d.dtype)
 
-    def _int4_kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The codes in the CPU int4 kernel's own layout, built once per storage (not saved).
+    def _kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes and scales as the CPU kernel takes them, built once per storage (not saved).
 
-        The kernel's layout is torch's internal choice, so the checkpoint keeps the plain layout
-        and this copy (as large as the codes) is made on first use, 4096 rows at a time.
+        int8: the ``(rows, cols)`` codes and float32 scales of the native kernel. int4: torch's
+        internal layout, so the checkpoint keeps the plain layout and this copy (as large as the
+        codes) is made on first use, 4096 rows at a time.
         """
         key = (self.weight.data_ptr(), self.weight._version, self.weight_scale.data_ptr(), self.weight_scale._version)
-        if self._int4_kernel is None or self._int4_kernel[0] != key:
-            packed = self.weight.view(self.rows, self.cols // 2)
-            blocks = []
-            for start in range(0, self.rows, 4096):
-                b = packed[start : start + 4096]
-                nibbles = torch.stack((b & 15, b >> 4), dim=-1).view(b.shape[0], self.cols).to(torch.int32)
-                blocks.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1))
-            scale = self.weight_scale.t().bfloat16()
-            scale_zeros = torch.stack((scale, torch.zeros_like(scale)), dim=-1).contiguous()
-            self._int4_kernel = (key, torch.cat(blocks), scale_zeros)
-        return self._int4_kernel[1], self._int4_kernel[2]
+        if self._operands is None or self._operands[0] != key:
+            if self.fmt == "int8":
+                operands = (self.weight.view(self.rows, self.cols), self.weight_scale.float())
+            else:
+                packed = self.weight.view(self.rows, self.cols // 2)
+                blocks = []
+                for start in range(0, self.rows, 4096):
+                    b = packed[start : start + 4096]
+                    nibbles = torch.stack((b & 15, b >> 4), dim=-1).view(b.shape[0], self.cols).to(torch.int32)
+                    blocks.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1))
+                scale = self.weight_scale.t().bfloat16()
+                operands = (torch.cat(blocks), torch.stack((scale, torch.zeros_like(scale)), dim=-1).contiguous())
+            self._operands = (key, *operands)
+        return self._operands[1], self._operands[2]
 
     def _blocked_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         step = max(1, _BLOCK_ELEMENTS // self.cols)
@@ -237,7 +249,7 @@ class CompressedWeight(nn.Module):
             if after.dtype != before.dtype:  # a cast: keep the stored dtype, take only the move
                 self._buffers[key] = before.to(after.device)
         self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
-        self._int4_kernel = None
+        self._operands = None
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003

@@ -33,8 +33,8 @@ import torch
 
 from ..tiling import check_tile_operands
 
-SOURCE = Path(__file__).with_name("tbn_lut.c")
-HEADERS = (Path(__file__).with_name("tbn_lut_lanes.h"),)
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("tbn_lut.c", "int8_rows.c"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("tbn_lut_lanes.h", "tbn_lut_avx512.h"))
 FLAGS = ("-std=c11", "-O3", "-march=native", "-shared", "-fPIC")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ERRORS = {-1: "out of memory for the lookup tables", -2: "K must be a multiple of 8"}
@@ -122,7 +122,8 @@ def _build(cc: str, target: Path) -> None:
         out = Path(tmp) / target.name
         errors = ""
         for extra in (("-fopenmp",), ()):  # OpenMP threads where the compiler has them
-            proc = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            command = [cc, *FLAGS, *extra, *map(str, SOURCES), "-o", str(out)]
+            proc = subprocess.run(command, capture_output=True, text=True)
             if proc.returncode == 0:
                 record = _record(out)
                 record.write_text(_fingerprint(out.read_bytes()))
@@ -130,14 +131,14 @@ def _build(cc: str, target: Path) -> None:
                 os.replace(record, _record(target))
                 return
             errors += proc.stderr
-        raise NativeUnavailable(f"{cc} could not build {SOURCE.name}:\n{errors[-2000:]}")
+        raise NativeUnavailable(f"{cc} could not build {', '.join(s.name for s in SOURCES)}:\n{errors[-2000:]}")
 
 
 def load(folder: Path) -> ctypes.CDLL:
     """The kernel from the private cache ``folder``, built or rebuilt there unless it matches its last build."""
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    sources = [path.read_text() for path in (SOURCE, *HEADERS)]
+    sources = [path.read_text() for path in (*SOURCES, *HEADERS)]
     key = hashlib.sha256("\0".join([*sources, *FLAGS, cc, version, _cpu_signature()]).encode())
     target = _private_folder(folder) / f"tbn_lut-{key.hexdigest()[:16]}.so"
     if not _matches_build(target):
@@ -148,6 +149,8 @@ def load(folder: Path) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.tbn_lut_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int]
     lib.tbn_lut_linear.restype = ctypes.c_int
+    lib.int8_rows_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.int8_rows_linear.restype = None
     return lib
 
 
@@ -204,3 +207,21 @@ def tile_linear(
     if not direct:
         out.copy_(y)
     return out
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(M, N)`` float32: ``x @ (scale[:, None] * codes).T``, int8 ``codes`` ``(N, K)``, float32 ``scale`` ``(N,)``.
+
+    The compressed heads' decoding path (``int8_rows.c``): float32 activations, the weight read
+    once as int8. CPU tensors, no autograd.
+    """
+    m, k = x.shape
+    n = codes.shape[0]
+    if codes.dtype != torch.int8 or codes.shape != (n, k) or scale.dtype != torch.float32 or scale.shape != (n,):
+        raise ValueError(f"native int8_linear: codes must be int8 (N, {k}) and scale float32 (N,), got codes "
+                         f"{codes.dtype} {tuple(codes.shape)}, scale {scale.dtype} {tuple(scale.shape)}")
+    x32, codes, scale = x.float().contiguous(), codes.contiguous(), scale.contiguous()
+    y = torch.empty(m, n)
+    library().int8_rows_linear(x32.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(), n, y.data_ptr(),
+                               torch.get_num_threads())
+    return y

@@ -116,7 +116,7 @@ def unusable_setups(tmp_path: Path) -> dict[str, tuple[dict[str, str], str]]:
     shared.chmod(0o777)
     return {
         "no compiler": ({"CC": "", "PATH": str(Path(sys.executable).parent)}, "no C compiler found"),
-        "build fails": ({"CC": str(broken_cc)}, f"{broken_cc} could not build tbn_lut.c:\nbroken compiler"),
+        "build fails": ({"CC": str(broken_cc)}, f"{broken_cc} could not build tbn_lut.c, int8_rows.c:\nbroken compiler"),
         "shared cache": ({"HF_TBN_CACHE": str(shared)}, f"refusing the kernel cache folder {shared}: it is writable"),
     }
 
@@ -263,3 +263,21 @@ def test_build_is_cached_per_machine(tmp_path: Path) -> None:
     stamp = built[0].stat().st_mtime_ns
     assert run_python(code, env, tmp_path).stdout.strip() == "None"
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize(("n", "k"), [(7, 40), (64, 576), (3, 9)])  # ragged blocks of 4 rows, K % 16 != 0
+def test_int8_rows_linear_matches_float64(m: int, n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(n * k + m)
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    scale = torch.rand(n, generator=gen) + 0.1
+    x = torch.randn(m, k, generator=gen)
+    expected = x.double() @ (codes.double() * scale.double()[:, None]).T
+    assert rel_err(native.int8_linear(x, codes, scale), expected) < 1e-6
+
+
+def test_int8_rows_linear_refuses_wrong_operands() -> None:
+    codes, scale, x = torch.zeros(4, 16, dtype=torch.int8), torch.ones(4), torch.ones(1, 16)
+    for bad_codes, bad_scale in ((codes.to(torch.uint8), scale), (codes[:, :8], scale), (codes, scale.half())):
+        with pytest.raises(ValueError, match="codes must be int8"):
+            native.int8_linear(x, bad_codes, bad_scale)
