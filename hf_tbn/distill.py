@@ -193,6 +193,8 @@ class DistillationTrainer(TBNTrainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if not model.training:  # evaluation scores the task alone (eval_loss, perplexity)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         cfg = self.distill
         if cfg.hidden_weight:
             inputs = {**inputs, "output_hidden_states": True}
@@ -214,8 +216,7 @@ class DistillationTrainer(TBNTrainer):
             mask = position_mask(inputs, hidden[0].shape[:-1])
             terms["hidden_loss"] = hidden_loss(hidden, teacher_out["hidden_states"], cfg.hidden_layers, mask)
             loss = loss + cfg.hidden_weight * terms["hidden_loss"]
-        if model.training:
-            self.distill_log = {k: float(v.detach()) for k, v in terms.items()} | {"kl_weight": kl_weight}
+        self.distill_log = {k: float(v.detach()) for k, v in terms.items()} | {"kl_weight": kl_weight}
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -150,6 +150,18 @@ def test_distillation_pulls_the_student_to_the_teacher(tiny_llama_dir: Path, tmp
     assert len(logged) == 10 and all("hidden_loss" in e and "task_loss" in e for e in logged)
 
 
+def test_evaluation_scores_the_task_loss_alone(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """eval_loss (and the perplexity from it) is the task's, as a plain Trainer reports it for the same weights."""
+    from transformers import Trainer
+
+    model = student(tiny_llama_dir)
+    trainer = DistillationTrainer(model=model, args=targs(tmp_path / "kd", steps=4), train_dataset=Tokens(),
+                                  eval_dataset=Tokens(), distill=DistillConfig(kl_weight=5.0, hidden_weight=1.0))
+    trainer.train()
+    plain = Trainer(model=model, args=targs(tmp_path / "plain"), eval_dataset=Tokens()).evaluate()["eval_loss"]
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(plain, rel=1e-6)
+
+
 def test_kl_weight_ramps_in(tiny_llama_dir: Path, tmp_path: Path) -> None:
     trainer = DistillationTrainer(model=student(tiny_llama_dir), args=targs(tmp_path, steps=8), train_dataset=Tokens(),
                                   distill=DistillConfig(kl_weight=0.8, kl_start=0.25, kl_ramp=0.5))
