@@ -190,15 +190,20 @@ def tile_linear(
     if out is not None and (out.shape != (m, p * rows) or out.dtype != x.dtype):
         want, got = f"{x.dtype} {(m, p * rows)}", f"{out.dtype} {tuple(out.shape)}"
         raise ValueError(f"native tile_linear: out must be {want}, got {got}")
-    x32 = x.float().contiguous()
-    alpha32 = alpha.float().contiguous()
-    bias32 = None if bias is None else bias.float().contiguous()
+    # decoding calls this ~200 times per token: convert and copy only what needs it
+    x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+    alpha32 = alpha if alpha.dtype == torch.float32 and alpha.is_contiguous() else alpha.float().contiguous()
+    bias_ptr = None
+    if bias is not None:
+        bias_ptr = (bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.float().contiguous())
+        bias_ptr = bias_ptr.data_ptr()
     direct = out is not None and out.dtype == torch.float32 and out.stride(1) == 1
     y = out if direct else torch.empty(m, p * rows)
-    tile = tile.contiguous()
+    if not tile.is_contiguous():
+        tile = tile.contiguous()
     status = library().tbn_lut_linear(
-        x32.data_ptr(), m, k, k, tile.data_ptr(), rows, row0, alpha32.data_ptr(), p,
-        None if bias32 is None else bias32.data_ptr(), y.data_ptr(), y.stride(0), torch.get_num_threads(),
+        x32.data_ptr(), m, k, k, tile.data_ptr(), rows, row0, alpha32.data_ptr(), p, bias_ptr, y.data_ptr(),
+        y.stride(0), torch.get_num_threads(),
     )
     if status:
         raise RuntimeError(f"native tile_linear: {_ERRORS.get(status, f'status {status}')}")
