@@ -1,8 +1,8 @@
-"""Fashion-MNIST for the MCU demo, tests and scripts: data, the paper's MLP, a small CNN, training.
+"""Fashion-MNIST for the MCU demo, tests and scripts: data, the paper's MLP, a small CNN, a small ResNet, training.
 
 Data: the Debian package ``dataset-fashion-mnist`` (idx files under
-``/usr/share/datasets/fashion-mnist``). The models are ``nn.Sequential`` chains, the form
-the exporter takes.
+``/usr/share/datasets/fashion-mnist``). The MLP and the CNN are ``nn.Sequential`` chains, the
+form the exporter takes; the ResNet (scripts/quality_fashion_mnist.py) has residual blocks.
 """
 
 from __future__ import annotations
@@ -53,6 +53,41 @@ def cnn(conv1_p: int | None, conv2_p: int | None, fc_p: int | None) -> nn.Sequen
         conv2=_conv(16, 32, conv2_p), bn2=nn.BatchNorm2d(32), relu2=nn.ReLU(), pool2=nn.AvgPool2d(2),
         flatten=nn.Flatten(),
         fc=_linear(32 * 7 * 7, 10, fc_p, bias=True),
+    ))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BatchNorm and a parameter-free shortcut (identity, or 2x2 average pooling when
+    ``stride`` is 2), so every conv of a block is a ``width x width x 3 x 3`` weight."""
+
+    def __init__(self, width: int, stride: int = 1) -> None:
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"BasicBlock stride must be 1 or 2, got {stride}")
+        self.conv1 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.shortcut = nn.AvgPool2d(2) if stride == 2 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def resnet(width: int = 96, strides: tuple[int, ...] = (2, 1, 1)) -> nn.Sequential:
+    """A small ResNet for 28x28 inputs: a stride-2 3x3 stem conv (1 -> ``width``, 14x14), one
+    :class:`BasicBlock` per entry of ``strides`` at constant ``width``, global average pooling, a
+    linear head ``fc``. Every block conv has ``9 * width**2`` weights (82,944 at width 96, above the
+    paper's 64,000 ``min_compress_size``); the stem conv (``stem.conv``) is tiny (``9 * width``).
+    """
+    return nn.Sequential(OrderedDict(
+        stem=nn.Sequential(OrderedDict(conv=nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False),
+                                       bn=nn.BatchNorm2d(width), relu=nn.ReLU())),
+        **{f"block{i + 1}": BasicBlock(width, stride) for i, stride in enumerate(strides)},
+        pool=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(),
+        fc=nn.Linear(width, 10),
     ))
 
 
