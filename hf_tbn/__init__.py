@@ -1,8 +1,9 @@
 """hf-tbn: Tiled Bit Networks (sub-bit weights) for Hugging Face Transformers.
 
 ``import hf_tbn`` registers the ``"tbn"`` quantization method with transformers (as soon as
-transformers loads its quantizers) and TBN's LoRA layers with peft (as soon as peft is
-imported). Every public name (docs/foundation.md lists them) is imported on first use, so
+transformers loads its quantizers), the dense-to-tiled warm-up with every ``Trainer`` (as soon
+as transformers loads its trainer; hf_tbn.warmup) and TBN's LoRA layers with peft (as soon as
+peft is imported). Every public name (docs/foundation.md lists them) is imported on first use, so
 the import stays light (``hf-tbn -h`` needs no torch).
 """
 
@@ -25,7 +26,14 @@ def _register_lora() -> None:
     register_with_peft()
 
 
+def _register_warmup() -> None:
+    from .warmup import register_with_trainer
+
+    register_with_trainer()
+
+
 after_import("transformers.quantizers.auto", _register_quantizer)
+after_import("transformers.trainer", _register_warmup)
 after_import("peft", _register_lora)
 
 # public name -> module that defines it (imported on first access)
@@ -38,7 +46,7 @@ _LAZY = {
     "TBNLoraLinear": "lora",  # needs peft
 }
 # public submodules (``hf_tbn.hub.save_tbn(...)`` works without importing hf_tbn.hub first)
-_SUBMODULES = {"distill", "embeddings", "hub", "qat", "tiling"}
+_SUBMODULES = {"distill", "embeddings", "hub", "qat", "tiling", "warmup"}
 
 __all__ = ["__version__", *_LAZY]
 

@@ -37,6 +37,9 @@ class TBNConfig(QuantizationConfigMixin):
             compressed in the same checkpoint: None (kept as they are), ``"bfloat16"``,
             ``"float16"``, ``"int8"`` (per row) or ``"int4"`` (per group), docs/embeddings.md.
         embedding_group_size: the int4 group size.
+        warmup: fraction of QAT (any transformers ``Trainer``) that blends from the dense latent
+            weight to ``W_hat`` (hf_tbn.qat, docs/quality.md): ``"auto"`` (0.3 when some layer has
+            p >= 8, where plain QAT collapsed, else 0) or a number in [0, 1].
         converted_layers: the resolved p of every converted layer, named relative to the base
             model (as transformers' ``base_model_prefix`` does), filled in by the conversion and
             saved in config.json so that a reload rebuilds exactly the same layers.
@@ -54,6 +57,7 @@ class TBNConfig(QuantizationConfigMixin):
         backend: str = "auto",
         embedding_format: str | None = None,
         embedding_group_size: int = DEFAULT_GROUP_SIZE,
+        warmup: float | str = "auto",
         converted_layers: dict[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -77,6 +81,7 @@ class TBNConfig(QuantizationConfigMixin):
         self.backend = backend
         self.embedding_format = embedding_format
         self.embedding_group_size = embedding_group_size
+        self.warmup = warmup
         self.converted_layers = _mapping("converted_layers", converted_layers) or None
         self.post_init()
 
@@ -101,6 +106,9 @@ class TBNConfig(QuantizationConfigMixin):
             if value not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
         check_embedding_options(self.embedding_format, self.embedding_group_size)
+        w = self.warmup
+        if w != "auto" and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1):
+            raise ValueError(f"warmup must be 'auto' or a number in [0, 1], got {w!r}")
         if self.alpha_param == "scalars" and self.alpha_mode == "per_layer":
             raise ValueError("alpha_param='scalars' learns one alpha per copy; it needs alpha_mode='per_tile'")
 
@@ -120,6 +128,7 @@ class TBNConfig(QuantizationConfigMixin):
             "form": self.form,
             "embedding_format": self.embedding_format,
             "embedding_group_size": self.embedding_group_size,
+            "warmup": self.warmup,
             "converted_layers": self.converted_layers,
         }
 

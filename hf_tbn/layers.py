@@ -100,6 +100,8 @@ class TBNLayer(nn.Module):
         self.alpha_param = alpha_param
         self.backend = "auto"
         self._w_hat_cache: tuple[tuple, torch.Tensor] | None = None
+        # latent forward: blend * W_hat + (1 - blend) * W (hf_tbn.qat's warm-up; 1: plain TBN)
+        self.blend = 1.0
         factory = {"device": device, "dtype": dtype}
         self.bias = nn.Parameter(torch.zeros(weight_shape[0], **factory)) if bias else None
         self.form: Form = form
@@ -207,15 +209,22 @@ class TBNLayer(nn.Module):
         return tiling.dequantize(self.tile_values(self.alpha.dtype), self.alpha, self.weight_shape)
 
     def _latent_w_hat(self) -> torch.Tensor:
-        """``W_hat`` for the latent forward, reused while no gradient is taken and its sources do not change."""
+        """The latent forward's weight, ``W_hat`` blended with ``W`` while ``blend < 1`` (:attr:`blend`);
+        reused while no gradient is taken and its sources do not change."""
         if torch.is_grad_enabled():
             self._w_hat_cache = None
-            return self.effective_weight()
+            return self._blended_w_hat()
         sources = [self.weight, *(getattr(self, name) for name in self._state_keys() if name != "weight")]
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        key = (self.blend, *((t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
         if self._w_hat_cache is None or self._w_hat_cache[0] != key:
-            self._w_hat_cache = (key, self.effective_weight())
+            self._w_hat_cache = (key, self._blended_w_hat())
         return self._w_hat_cache[1]
+
+    def _blended_w_hat(self) -> torch.Tensor:
+        w_hat = self.effective_weight()
+        if self.blend >= 1:
+            return w_hat
+        return self.blend * w_hat + (1 - self.blend) * self.weight.reshape(self.weight_shape)
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -102,3 +102,62 @@ def test_trainer_with_warmup_ends_as_plain_tbn_and_resumes_identically(tiny_llam
                warmup=0.5).train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
     for (name, a), (_, b) in zip(warm.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def blends_seen(model: nn.Module) -> list[float]:
+    """The blend of the first TBN layer at each training forward (recorded by a forward pre-hook)."""
+    _, layer = next(iter(tbn_layers(model)))
+    seen: list[float] = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(module.blend) if module.training else None)
+    return seen
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"compression_factor": 8}, [0, 0.4167, 0.8333, 1, 1, 1, 1, 1]),  # "auto", p = 8: 30% of 8 steps
+    ({"compression_factor": 4}, [1] * 8),  # "auto", p = 4: no warm-up
+    ({"compression_factor": 4, "warmup": 0.5}, [0, 0.25, 0.5, 0.75, 1, 1, 1, 1]),
+    ({"compression_factor": 8, "warmup": 0}, [1] * 8),
+])
+def test_plain_trainer_gets_the_models_warmup(config: dict, expected: list[float], tiny_llama_dir: Path,
+                                              tmp_path: Path) -> None:
+    """Once hf_tbn is imported every Trainer runs the warm-up the model's TBNConfig asks for."""
+    tbn = TBNConfig(min_compress_size=0, **config)
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=tbn)
+    seen = blends_seen(model)
+    Trainer(model=model, args=targs(tmp_path, steps=8), train_dataset=Tokens()).train()
+    assert seen == pytest.approx(expected, abs=1e-4)
+    assert all(layer.blend == 1.0 for _, layer in tbn_layers(model))  # plain TBN after training
+    reloaded = TBNConfig.from_dict(model.config.quantization_config.to_dict())
+    assert reloaded.warmup == tbn.warmup  # saved with the model
+
+
+def test_tbn_trainer_overrides_the_models_warmup(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=TBNConfig(min_compress_size=0,
+                                                                                           compression_factor=8))
+    seen = blends_seen(model)
+    trainer = TBNTrainer(model=model, args=targs(tmp_path, steps=4), train_dataset=Tokens(), warmup=0)
+    assert sum(isinstance(cb, QuantizationWarmup) for cb in trainer.callback_handler.callbacks) == 1
+    trainer.train()
+    assert seen == [1.0] * 4
+
+
+def test_blend_in_evaluation_reuses_nothing_stale() -> None:
+    """Under no_grad the blended weight is cached; changing the blend must change the output."""
+    torch.manual_seed(3)
+    layer = TBNLinear(16, 8, compression_factor=4)
+    x = torch.randn(2, 16)
+    w = layer.weight.detach().reshape(layer.weight_shape)
+    with torch.no_grad():
+        tiled = layer(x)
+        layer.blend = 0.0
+        torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias))
+        layer.blend = 1.0
+        assert torch.equal(layer(x), tiled)
+
+
+def test_bad_warmup_values_are_refused() -> None:
+    for bad in (1.5, -0.1, "yes", True):
+        with pytest.raises(ValueError, match="warmup must be 'auto' or a number in"):
+            TBNConfig(warmup=bad)
+    with pytest.raises(ValueError, match="fraction must be a number"):
+        TBNTrainer(model=nn.Linear(2, 2), warmup=2)
