@@ -1,6 +1,6 @@
 """Fashion-MNIST from scratch: an MLP, a small CNN and a small ResNet, full precision vs binary vs TBN p = 2..16.
 
-Every variant trains with the same data, budget and seed (DESIGN.md section 7); the TBN
+Every variant trains with the same data, budget and seed (docs/quality.md); the TBN
 variants are the dense model converted with ``hf_tbn.convert_model`` before training
 (quantization-aware training from the dense initialisation), then packed for evaluation.
 A variant is ``fp`` or ``P`` (TBN with p = P); with several ``--seeds`` each variant's row holds
