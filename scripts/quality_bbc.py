@@ -16,7 +16,6 @@ not used at all), otherwise on the test split.
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from results import (
     parse_variant,
     publish,
     quality_parser,
+    train_variant,
 )
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
@@ -36,9 +36,8 @@ from hf_tbn import TBNConfig, pack_model
 from hf_tbn.demos.bbc import bbc_news, split
 from hf_tbn.demos.models import minilm_dir
 from hf_tbn.demos.train import accuracy, label_config, predict, tokenize
-from hf_tbn.distill import DistillationTrainer, DistillConfig
+from hf_tbn.distill import DistillConfig
 from hf_tbn.embeddings import compress_dense_modules
-from hf_tbn.qat import TBNTrainer
 
 VARIANTS = "fp,1,2,4,8,16,4+warmup,8+warmup,16+warmup"
 QUICK_VARIANTS = "fp,4+warmup+distill"
@@ -95,14 +94,8 @@ def main() -> None:
                 lr_scheduler_type="linear", save_strategy="no", report_to="none", use_cpu=True, seed=seed,
                 data_seed=seed, logging_strategy="no", disable_tqdm=True,
             )
-            common = {"model": model, "args": targs, "train_dataset": train, "data_collator": collate,
-                      "warmup": args.warmup if warmup else 0.0}
-            start = time.time()
-            if use_teacher:
-                DistillationTrainer(**common, teacher=teacher, distill=distill).train()
-            else:
-                TBNTrainer(**common).train()
-            seconds = time.time() - start
+            seconds = train_variant((p, warmup, use_teacher), args.warmup, distill, teacher, model=model, args=targs,
+                                    train_dataset=train, data_collator=collate)
             if p is None:
                 teacher = model
             else:

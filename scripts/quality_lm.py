@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from pathlib import Path
 
 import torch
-from results import Task, add_variant_options, measure, parse_variant, publish, quality_parser
+from results import Task, add_variant_options, measure, parse_variant, publish, quality_parser, train_variant
 from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model
 from hf_tbn.demos.models import smollm2_dir
-from hf_tbn.distill import DistillationTrainer, DistillConfig
-from hf_tbn.qat import TBNTrainer, set_blend
+from hf_tbn.distill import DistillConfig
+from hf_tbn.qat import set_blend
 
 FORTUNES = Path("/usr/share/games/fortunes")
 VARIANTS = "fp,1,2,4,8,4+distill,8+distill"
@@ -137,14 +136,8 @@ def main() -> None:
             disable_tqdm=True,
         )
         curve = PerplexityAt(test, checkpoints)
-        common = {"model": model, "args": targs, "train_dataset": train, "callbacks": [curve],
-                  "warmup": args.warmup if warmup else 0.0}
-        start = time.time()
-        if use_teacher:
-            DistillationTrainer(**common, distill=distill).train()
-        else:
-            TBNTrainer(**common).train()
-        seconds = time.time() - start
+        seconds = train_variant((p, warmup, use_teacher), args.warmup, distill, model=model, args=targs,
+                                train_dataset=train, callbacks=[curve])
         if p is not None:
             pack_model(model)
         after = perplexity(model, test)

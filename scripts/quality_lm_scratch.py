@@ -18,15 +18,21 @@ budget: docs/quality.md ("Language modelling from scratch").
 
 from __future__ import annotations
 
-import time
-
 from quality_lm import Blocks, fortunes, perplexity
-from results import Task, add_variant_options, measure, over_seeds, parse_variant, publish, quality_parser
+from results import (
+    Task,
+    add_variant_options,
+    measure,
+    over_seeds,
+    parse_variant,
+    publish,
+    quality_parser,
+    train_variant,
+)
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, set_seed
 
 from hf_tbn import TBNConfig, pack_model, quantize_model
-from hf_tbn.distill import DistillationTrainer, DistillConfig
-from hf_tbn.qat import TBNTrainer
+from hf_tbn.distill import DistillConfig
 
 VARIANTS = "fp,1,4,8"
 QUICK_VARIANTS = "fp,4+warmup+distill"
@@ -97,13 +103,8 @@ def main() -> None:
                 learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no",
                 report_to="none", use_cpu=True, seed=seed, data_seed=seed, logging_steps=50, disable_tqdm=True,
             )
-            common = {"model": model, "args": targs, "train_dataset": train, "warmup": args.warmup if warmup else 0.0}
-            start = time.time()
-            if use_teacher:
-                DistillationTrainer(**common, teacher=teacher, distill=distill).train()
-            else:
-                TBNTrainer(**common).train()
-            seconds = time.time() - start
+            seconds = train_variant((p, warmup, use_teacher), args.warmup, distill, teacher, model=model, args=targs,
+                                    train_dataset=train)
             if p is None:
                 teacher = model
             else:

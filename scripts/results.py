@@ -14,15 +14,20 @@ import shlex
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import save_model
 from torch import nn
 
 from hf_tbn import tbn_layers
 from hf_tbn.report import summarize
+
+if TYPE_CHECKING:
+    from hf_tbn.distill import DistillConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -88,6 +93,27 @@ def parse_variant(variant: str) -> tuple[int | None, bool, bool]:
     if unknown or (base != "fp" and not base.isdigit()) or (base == "fp" and options):
         raise ValueError(f"variant {variant!r}: expected fp or P[+warmup][+distill], e.g. 8+warmup")
     return (None if base == "fp" else int(base)), "warmup" in options, "distill" in options
+
+
+def train_variant(variant: tuple[int | None, bool, bool], warmup: float, distill: DistillConfig,
+                  teacher: nn.Module | None = None, **trainer_args: Any) -> float:
+    """Train a parsed variant (:func:`parse_variant`) in place; returns the training seconds.
+
+    +distill: ``DistillationTrainer`` with ``teacher`` (None: the checkpoint before conversion), else
+    ``TBNTrainer``; +warmup: the warm-up fraction ``warmup``, otherwise none (plain QAT, whatever the
+    model's ``TBNConfig.warmup`` says).
+    """
+    from hf_tbn.distill import DistillationTrainer
+    from hf_tbn.qat import TBNTrainer
+
+    _, with_warmup, use_teacher = variant
+    trainer_args["warmup"] = warmup if with_warmup else 0.0
+    start = time.time()
+    if use_teacher:
+        DistillationTrainer(**trainer_args, teacher=teacher, distill=distill).train()
+    else:
+        TBNTrainer(**trainer_args).train()
+    return time.time() - start
 
 
 def measure(p: int | str | None, model: nn.Module, metrics: dict[str, float], seconds: float) -> Row:
