@@ -25,10 +25,11 @@ from results import (
     checkpoint_bytes,
     measure,
     over_seeds,
-    parse_variant,
     publish,
     quality_parser,
+    seeds_of,
     train_variant,
+    variant_plan,
 )
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
@@ -36,7 +37,6 @@ from hf_tbn import TBNConfig, pack_model
 from hf_tbn.demos.bbc import bbc_news, split
 from hf_tbn.demos.models import minilm_dir
 from hf_tbn.demos.train import accuracy, label_config, predict, tokenize
-from hf_tbn.distill import DistillConfig
 from hf_tbn.embeddings import compress_dense_modules
 
 VARIANTS = "fp,1,2,4,8,16,4+warmup,8+warmup,16+warmup"
@@ -49,22 +49,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--max-length", type=int, default=64, help="tokens per article")
-    parser.add_argument("--seeds", help="comma-separated seeds (default: --seed)")
     add_variant_options(parser, VARIANTS)
     args = parser.parse_args()
-    variants = [v for v in (args.variants or (QUICK_VARIANTS if args.quick else VARIANTS)).split(",") if v]
-    plan = [parse_variant(v) for v in variants]
-    if any(distill for _, _, distill in plan) and variants[0] != "fp":
-        raise ValueError("a +distill variant needs the fp variant first (its teacher)")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
-    distill = DistillConfig(kl_weight=args.kl_weight, temperature=args.temperature, kl_start=args.kl_start,
-                            kl_ramp=args.kl_ramp)
+    plan = variant_plan(args, VARIANTS, QUICK_VARIANTS, fp_teacher=True)
+    variants, distill, seeds = plan.names, plan.distill, seeds_of(args)
     split_name = "validation" if args.validation else "test"
     metric = f"{split_name} accuracy %"
     budget = {"epochs": 0.05 if args.quick else args.epochs, "batch_size": 16,
               "max_length": 32 if args.quick else args.max_length, "lr": args.lr,
               "scheduler": "linear, 10% warm-up", "seeds": seeds, "test_fraction": 0.2,
-              "warmup": args.warmup, "distill": vars(distill) if any(d for _, _, d in plan) else None}
+              "warmup": args.warmup, "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None}
     if args.validation:
         budget["validation_fraction_of_train"] = VALIDATION_FRACTION
 
@@ -84,7 +78,7 @@ def main() -> None:
                          for idx in (train_idx, test_idx))
         budget.update(train_articles=len(train), scored_articles=len(scored))
         teacher = None
-        for variant, (p, warmup, use_teacher) in zip(variants, plan, strict=True):
+        for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
             torch.manual_seed(seed)  # the same classification head for every variant
             extra = {} if p is None else {"quantization_config": TBNConfig(compression_factor=p)}
             model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **label_config(names), **extra)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from results import Row, Task, measure, over_seeds, publish, quality_parser
+from results import Row, Task, measure, over_seeds, publish, quality_parser, seeds_of
 from torch import nn
 
 from hf_tbn import TBNConfig, convert_model, pack_model
@@ -68,14 +68,6 @@ def variant_list(text: str) -> list[int | None]:
     return variants
 
 
-def seed_list(text: str) -> list[int]:
-    """``--seeds``: comma-separated integers."""
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
-
-
 def run_task(name: str, label: str, build: Callable[[], nn.Module], data: dict[str, torch.Tensor], epochs: int,
              seeds: list[int], variants: list[int | None], lr: float, schedule: str, min_compress_size: int,
              fp_layers: list[str], out: Path, notes: str = "") -> None:
@@ -115,7 +107,6 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=["mlp", "cnn", "resnet"], default=["mlp", "cnn", "resnet"])
     parser.add_argument("--variants", type=variant_list, default=variant_list(VARIANTS),
                         help=f"comma-separated fp or p (default {VARIANTS})")
-    parser.add_argument("--seeds", type=seed_list, help="comma-separated seeds (default: --seed)")
     parser.add_argument("--mlp-epochs", type=int, default=20)
     parser.add_argument("--cnn-epochs", type=int, default=10)
     parser.add_argument("--resnet-epochs", type=int, default=4)
@@ -127,7 +118,7 @@ def main() -> None:
     if args.quick:
         x_train, y_train, x_test, y_test = x_train[:512], y_train[:512], x_test[:256], y_test[:256]
     data = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-    common = {"data": data, "seeds": args.seeds or [args.seed], "variants": args.variants, "lr": 1e-3,
+    common = {"data": data, "seeds": seeds_of(args), "variants": args.variants, "lr": 1e-3,
               "schedule": args.schedule, "out": args.out}
     if "mlp" in args.tasks:
         run_task("mlp", "MLP", mlp, epochs=1 if args.quick else args.mlp_epochs, min_compress_size=64_000,

@@ -20,12 +20,19 @@ import random
 from pathlib import Path
 
 import torch
-from results import Task, add_variant_options, measure, parse_variant, publish, quality_parser, train_variant
+from results import (
+    Task,
+    add_variant_options,
+    measure,
+    publish,
+    quality_parser,
+    train_variant,
+    variant_plan,
+)
 from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model
 from hf_tbn.demos.models import smollm2_dir
-from hf_tbn.distill import DistillConfig
 from hf_tbn.qat import set_blend
 
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -104,10 +111,8 @@ def main() -> None:
     parser.add_argument("--eval-at", default="0.25,0.5", help="fractions of the run, besides its end, to score at")
     add_variant_options(parser, VARIANTS)
     args = parser.parse_args()
-    variants = [v for v in (args.variants or (QUICK_VARIANTS if args.quick else VARIANTS)).split(",") if v]
-    plan = [parse_variant(v) for v in variants]
-    distill = DistillConfig(kl_weight=args.kl_weight, task_weight=args.task_weight, temperature=args.temperature,
-                            hidden_weight=args.hidden_weight)
+    plan = variant_plan(args, VARIANTS, QUICK_VARIANTS, fp_teacher=False)
+    variants, distill = plan.names, plan.distill
     model_dir = smollm2_dir(args.cache)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     block = 32 if args.quick else args.block
@@ -122,10 +127,10 @@ def main() -> None:
     budget = {"steps": steps, "batch_size": args.batch, "block_tokens": block, "lr": args.lr, "scheduler": "cosine",
               "optimizer": "AdamW", "seed": args.seed, "train_blocks": len(train), "eval_tokens": test.ids.numel(),
               "scored_on": split_name, "warmup": args.warmup,
-              "distill": vars(distill) if any(d for _, _, d in plan) else None}
+              "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None}
     tokens_per_step = args.batch * block
     rows = []
-    for variant, (p, warmup, use_teacher) in zip(variants, plan, strict=True):
+    for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
         extra = {} if p is None else {"quantization_config": TBNConfig(compression_factor=p)}
         model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
         before = perplexity(model, test)

@@ -24,15 +24,15 @@ from results import (
     add_variant_options,
     measure,
     over_seeds,
-    parse_variant,
     publish,
     quality_parser,
+    seeds_of,
     train_variant,
+    variant_plan,
 )
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, set_seed
 
 from hf_tbn import TBNConfig, pack_model, quantize_model
-from hf_tbn.distill import DistillConfig
 
 VARIANTS = "fp,1,4,8"
 QUICK_VARIANTS = "fp,4+warmup+distill"
@@ -68,23 +68,17 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=128, help="bytes per block")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-blocks", type=int, default=256)
-    parser.add_argument("--seeds", help="comma-separated seeds (default: --seed)")
     add_variant_options(parser, VARIANTS)
     args = parser.parse_args()
-    variants = [v for v in (args.variants or (QUICK_VARIANTS if args.quick else VARIANTS)).split(",") if v]
-    plan = [parse_variant(v) for v in variants]
-    if any(distill for _, _, distill in plan) and variants[0] != "fp":
-        raise ValueError("a +distill variant needs the fp variant first (its teacher)")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
-    distill = DistillConfig(kl_weight=args.kl_weight, task_weight=args.task_weight, temperature=args.temperature,
-                            kl_start=args.kl_start, kl_ramp=args.kl_ramp, hidden_weight=args.hidden_weight)
+    plan = variant_plan(args, VARIANTS, QUICK_VARIANTS, fp_teacher=True)
+    variants, distill, seeds = plan.names, plan.distill, seeds_of(args)
     layers, steps, block = (1, 2, 32) if args.quick else (args.layers, args.steps, args.block)
     n_eval = 4 if args.quick else args.eval_blocks
     split_name = "validation" if args.validation else "held-out"
     budget = {"layers": layers, "hidden": HIDDEN, "vocab": 256, "steps": steps, "batch_size": args.batch,
               "block_bytes": block, "lr": args.lr, "scheduler": "cosine, 5% warm-up", "optimizer": "AdamW",
               "seeds": seeds, "scored_on": split_name, "warmup": args.warmup,
-              "distill": vars(distill) if any(d for _, _, d in plan) else None}
+              "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None}
     results: dict[str, list] = {v: [] for v in variants}
     for seed in seeds:
         train, test = fortunes(encode_bytes, block, seed)
@@ -93,7 +87,7 @@ def main() -> None:
         test = Blocks(test.ids[:n_eval])
         budget.update(train_blocks=len(train), eval_bytes=test.ids.numel())
         teacher, fp_perplexity = None, None
-        for variant, (p, warmup, use_teacher) in zip(variants, plan, strict=True):
+        for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
             model = scratch_model(layers, block, seed)
             budget["parameters"] = sum(t.numel() for t in model.parameters())
             if p is not None:

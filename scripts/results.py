@@ -61,12 +61,30 @@ class Task:
 
 
 def quality_parser(doc: str) -> argparse.ArgumentParser:
-    """The options every quality script takes: ``--quick`` (CI smoke run), ``--out``, ``--seed``."""
+    """The options every quality script takes: ``--quick`` (CI smoke run), ``--out``, ``--seed`` and
+    ``--seeds`` (a list; scripts that train once per seed read :func:`seeds_of`)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny budget (CI smoke run)")
     parser.add_argument("--out", type=Path, default=DOCS, help="where results.md and results/ go")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=seed_list, help="comma-separated seeds (default: --seed)")
     return parser
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: comma-separated integers."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+
+
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    """``--seeds``, else ``[--seed]``."""
+    return args.seeds or [args.seed]
+
+
+DISTILL_OPTIONS = ("kl_weight", "task_weight", "temperature", "kl_start", "kl_ramp", "hidden_weight")
 
 
 def add_variant_options(parser: argparse.ArgumentParser, default: str) -> None:
@@ -78,8 +96,30 @@ def add_variant_options(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--variants", help=f"comma-separated (default {default})")
     parser.add_argument("--validation", action="store_true", help="score on a validation split of the training data")
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")
-    for field_name in ("kl_weight", "task_weight", "temperature", "kl_start", "kl_ramp", "hidden_weight"):
+    for field_name in DISTILL_OPTIONS:
         parser.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=getattr(DistillConfig, field_name))
+
+
+@dataclass
+class VariantPlan:
+    """What the options of :func:`add_variant_options` ask for."""
+
+    names: list[str]  # as given, e.g. "8+warmup"
+    parsed: list[tuple[int | None, bool, bool]]  # parse_variant of each
+    distill: DistillConfig  # every field from its option
+
+
+def variant_plan(args: argparse.Namespace, default: str, quick_default: str, fp_teacher: bool) -> VariantPlan:
+    """The variants ``--variants`` (else the default, or the quick one) names, parsed, with their distillation
+    settings; ``fp_teacher``: +distill variants learn from the fp variant's model, which must come first."""
+    from hf_tbn.distill import DistillConfig
+
+    names = [v for v in (args.variants or (quick_default if args.quick else default)).split(",") if v]
+    parsed = [parse_variant(v) for v in names]
+    if fp_teacher and any(distill for _, _, distill in parsed) and names[0] != "fp":
+        raise ValueError("a +distill variant needs the fp variant first (its teacher)")
+    distill = DistillConfig(**{name: getattr(args, name) for name in DISTILL_OPTIONS})
+    return VariantPlan(names, parsed, distill)
 
 
 def parse_variant(variant: str) -> tuple[int | None, bool, bool]:
