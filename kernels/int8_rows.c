@@ -13,6 +13,9 @@
 #include <immintrin.h>
 
 #define ROWS 4
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 32
+#endif
 
 static inline __m512 widen(const int8_t *w) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
@@ -31,6 +34,9 @@ static void row_block(const float *x, int64_t m, int64_t k, const int8_t *w, con
             const __m512 xv = _mm512_loadu_ps(xs + j);
             for (int r = 0; r < ROWS; ++r) {
                 if (r < count) acc[r] = _mm512_fmadd_ps(widen(w + (n0 + r) * k + j), xv, acc[r]);
+            }
+            if (i == 0 && j % 64 == 0 && n0 + PREFETCH_ROWS + ROWS <= n) { /* the rows a later block reads, from memory */
+                for (int r = 0; r < ROWS; ++r) _mm_prefetch((const char *)(w + (n0 + PREFETCH_ROWS + r) * k + j), _MM_HINT_T0);
             }
         }
         if (tail) {

@@ -9,6 +9,10 @@
  */
 #include <immintrin.h>
 
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 2
+#endif
+
 /* tables[n][b] = sum_i (bit i of b ? x[4n + i] : -x[4n + i]), n < k / 4. */
 static void row_tables_avx512(const float *x, int64_t k, __m512 *tables) {
     const __m512i entry = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -68,6 +72,11 @@ static int lut_row_avx512(const float *x, int64_t k, const uint8_t *tile, int64_
     for (int64_t n0 = 0; n0 < rows; n0 += 16) {
         const int64_t count = rows - n0 < 16 ? rows - n0 : 16;
         const __mmask16 valid = (__mmask16)((1u << count) - 1u);
+        if (n0 + PREFETCH_BLOCKS * 16 < rows) { /* a later block's tile bytes, from memory: gathers defeat the prefetcher */
+            const uint8_t *ahead = tile + (n0 + PREFETCH_BLOCKS * 16) * groups;
+            const int64_t bytes = (rows - n0 - PREFETCH_BLOCKS * 16 < 16 ? rows - n0 - PREFETCH_BLOCKS * 16 : 16) * groups;
+            for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)(ahead + b), _MM_HINT_T0);
+        }
         const __m512 sum = row_block_avx512(tables, tile, groups, n0, count);
         for (int64_t i = 0; i < p; ++i) {
             __m512 out = _mm512_mul_ps(_mm512_set1_ps(alpha[i]), sum);
