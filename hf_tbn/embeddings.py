@@ -28,8 +28,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_compiling as compiling
 
-from .kernels import native
+from .kernels import native, ops
+from .kernels.backends import kernel_unavailable
 
 EMBEDDING_FORMATS: tuple[str, ...] = ("bfloat16", "float16", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
@@ -185,16 +187,23 @@ class CompressedWeight(nn.Module):
         needs_grad = torch.is_grad_enabled() and x2d.requires_grad  # the kernels have no autograd formula
         if x2d.device.type != "cpu" or x2d.shape[0] > KERNEL_MAX_ROWS or needs_grad:
             return None
-        if self.fmt == "int8" and (native.native_error() is None or self.cols % _INT8_TORCH_KERNEL_COLS == 0):
-            return self._int8_kernel
-        if self.rows % 16 == 0 and self.group_size in _INT4_KERNEL_GROUPS:
+        if self.fmt == "int8":
+            if kernel_unavailable("native") is None:
+                return self._native_int8
+            return self._torch_int8 if self.cols % _INT8_TORCH_KERNEL_COLS == 0 and not compiling() else None
+        if self.rows % 16 == 0 and self.group_size in _INT4_KERNEL_GROUPS and not compiling():
             return self._int4_kernel_matmul
         return None
 
-    def _int8_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        if native.native_error() is None:  # float32 activations, faster than torch's kernel (docs/embeddings.md)
-            codes, scale = self._kernel_operands()
-            return native.int8_linear(x2d, codes, scale).to(x2d.dtype)
+    def _native_int8(self, x2d: torch.Tensor) -> torch.Tensor:
+        """float32 activations, faster than torch's kernel (docs/embeddings.md); a custom op when compiled."""
+        if compiling():  # no cached operands (their key reads data pointers)
+            codes = self.weight.view(self.rows, self.cols)
+            return ops.int8_rows_linear(x2d, codes, self.weight_scale.float()).to(x2d.dtype)
+        codes, scale = self._kernel_operands()
+        return native.int8_linear(x2d, codes, scale).to(x2d.dtype)
+
+    def _torch_int8(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.weight.data_ptr() % 64:  # e.g. mapped from a safetensors file (8-byte aligned): copy once
             self.weight = _aligned(self.weight)
         w = self.weight.view(self.rows, self.cols)

@@ -17,7 +17,7 @@ The compiled kernels are torch custom ops (:mod:`.ops`: their fake implementatio
 backward, gradients reaching the activations and the bias); torch has its own autograd. Eager
 inference (no gradient wanted, not compiling) calls the launcher directly: the same computation
 without the dispatcher's per-call cost (docs/kernels.md). Resolution is traceable: what needs the
-file system, a compiler or an import (:func:`_kernel_unavailable`, :func:`_triton_facts`) is
+file system, a compiler or an import (:func:`kernel_unavailable`, :func:`_triton_facts`) is
 evaluated eagerly and cached, also while ``torch.compile`` traces, so a packed model compiles with
 ``fullgraph=True``.
 """
@@ -75,7 +75,7 @@ def triton_module() -> ModuleType:
 
 
 @torch.compiler.assume_constant_result
-def _kernel_unavailable(name: str) -> str | None:
+def kernel_unavailable(name: str) -> str | None:
     """Why the compiled backend ``name`` cannot run in this process at all, or None (builds the CPU kernel)."""
     if name == "native":
         return native.native_error()
@@ -103,11 +103,11 @@ def _native_problem(x: torch.Tensor, row_length: int) -> str | None:
         return f"supports activations {native.DTYPES}, got {x.dtype}"
     if row_length % 8:
         return f"needs tile rows of a multiple of 8 values (whole bytes), got {row_length}"
-    return _kernel_unavailable("native")
+    return kernel_unavailable("native")
 
 
 def _triton_problem(x: torch.Tensor, row_length: int) -> str | None:
-    reason = _kernel_unavailable("triton")
+    reason = kernel_unavailable("triton")
     if reason is not None:
         return reason
     interpreted, dtypes = _triton_facts()

@@ -2,6 +2,8 @@
 
 - ``hf_tbn::tile_linear_native``: :func:`.native.tile_linear`, the C kernel (CPU).
 - ``hf_tbn::tile_linear_triton``: :func:`.triton_tbn.tile_linear`, the Triton launch (CUDA; CPU interpreted).
+- ``hf_tbn::int8_rows_linear``: :func:`.native.int8_linear`, the compressed heads' int8 kernel (no autograd:
+  the heads use it only when no gradient is wanted).
 
 Both take ``(x (M, K), tile, alpha, bias | None, rows, row0)`` and return ``(M, p * rows)`` in
 ``x``'s dtype (:mod:`.backends` documents the product). To ``torch.compile`` and ``torch.export`` each
@@ -36,6 +38,17 @@ def tile_linear_triton(
 ) -> torch.Tensor:
     """:func:`.triton_tbn.tile_linear` as a custom op (Triton imported on first use)."""
     return importlib.import_module(".triton_tbn", __package__).tile_linear(x, tile, alpha, bias, rows, row0)
+
+
+@torch.library.custom_op("hf_tbn::int8_rows_linear", mutates_args=())
+def int8_rows_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`.native.int8_linear` as a custom op."""
+    return native.int8_linear(x, codes, scale)
+
+
+@int8_rows_linear.register_fake
+def _int8_fake(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
 
 
 def _fake(

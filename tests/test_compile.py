@@ -101,6 +101,23 @@ def test_tiny_llama_compiles_whole_logits_match(tiny_llama_dir: Path) -> None:
     assert rel_err(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize(("fmt", "tol"), [("int8", 1e-5), ("int4", 1e-2)])  # int4 eager: bfloat16 activations
+def test_compressed_head_compiles_whole(fmt: str, tol: float, tiny_llama_dir: Path) -> None:
+    """A compressed embedding and tied head (hf_tbn.embeddings) compile too: the int8 kernel as a custom op,
+    int4 on the blocked torch path; decoding (1 token) and a prompt."""
+    from hf_tbn.embeddings import compress_dense_modules
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    convert_model(model, TBNConfig(min_compress_size=0, modules_to_not_convert=["lm_head"]))
+    pack_model(model).eval()
+    compress_dense_modules(model, fmt)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for shape in [(1, 1), (2, 11)]:
+        ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert rel_err(compiled(ids).logits, model(ids).logits) < tol
+
+
 @pytest.mark.slow
 def test_minilm_compiles_whole_outputs_match(minilm_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
