@@ -17,6 +17,7 @@ One line with Trainer::
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,10 @@ class DistillConfig:
         if self.kl_ramp == 0:
             return self.kl_weight
         return self.kl_weight * min(1.0, (progress - self.kl_start) / self.kl_ramp)
+
+
+# The number-valued DistillConfig fields, the ones a command line sets (hidden_layers stays a Python option).
+NUMBER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DistillConfig) if f.type == "float")
 
 
 def load_teacher(student: PreTrainedModel, source: str | Path | PreTrainedModel | None = None) -> PreTrainedModel:

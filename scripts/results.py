@@ -84,19 +84,16 @@ def seeds_of(args: argparse.Namespace) -> list[int]:
     return args.seeds or [args.seed]
 
 
-DISTILL_OPTIONS = ("kl_weight", "task_weight", "temperature", "kl_start", "kl_ramp", "hidden_weight")
-
-
 def add_variant_options(parser: argparse.ArgumentParser, default: str) -> None:
     """The options of the Trainer-based scripts: ``--variants`` (see :func:`parse_variant`), ``--validation``,
     the warm-up fraction and the distillation weights."""
-    from hf_tbn.distill import DistillConfig
+    from hf_tbn.distill import NUMBER_FIELDS, DistillConfig
     from hf_tbn.qat import DEFAULT_WARMUP
 
     parser.add_argument("--variants", help=f"comma-separated (default {default})")
     parser.add_argument("--validation", action="store_true", help="score on a validation split of the training data")
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")
-    for field_name in DISTILL_OPTIONS:
+    for field_name in NUMBER_FIELDS:
         parser.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=getattr(DistillConfig, field_name))
 
 
@@ -112,13 +109,13 @@ class VariantPlan:
 def variant_plan(args: argparse.Namespace, default: str, quick_default: str, fp_teacher: bool) -> VariantPlan:
     """The variants ``--variants`` (else the default, or the quick one) names, parsed, with their distillation
     settings; ``fp_teacher``: +distill variants learn from the fp variant's model, which must come first."""
-    from hf_tbn.distill import DistillConfig
+    from hf_tbn.distill import NUMBER_FIELDS, DistillConfig
 
     names = [v for v in (args.variants or (quick_default if args.quick else default)).split(",") if v]
     parsed = [parse_variant(v) for v in names]
     if fp_teacher and any(distill for _, _, distill in parsed) and names[0] != "fp":
         raise ValueError("a +distill variant needs the fp variant first (its teacher)")
-    distill = DistillConfig(**{name: getattr(args, name) for name in DISTILL_OPTIONS})
+    distill = DistillConfig(**{name: getattr(args, name) for name in NUMBER_FIELDS})
     return VariantPlan(names, parsed, distill)
 
 

@@ -8,7 +8,7 @@ form (docs/huggingface.md, "Train (quantization-aware training)").
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from hf_tbn import TBNConfig, to_latent_model
-from hf_tbn.distill import DistillationTrainer, DistillConfig
+from hf_tbn.distill import NUMBER_FIELDS, DistillationTrainer, DistillConfig
 
 Task = Literal["classification", "causal-lm"]
 TASKS: tuple[str, ...] = get_args(Task)
@@ -72,13 +72,9 @@ class TrainArguments:
         "help": "--distill: weight of the hidden-state term (0: off)"})
 
 
-# The TrainArguments that set the DistillConfig field of the same name.
-DISTILL_OPTIONS = tuple(f.name for f in fields(DistillConfig) if f.name in {g.name for g in fields(TrainArguments)})
-
-
 def distill_config(args: TrainArguments) -> DistillConfig | None:
     """The distillation settings of ``args.distill``; None without it, when its options must keep their defaults."""
-    given = {name: getattr(args, name) for name in DISTILL_OPTIONS}
+    given = {name: getattr(args, name) for name in NUMBER_FIELDS}  # each a TrainArguments field
     if args.distill:
         return DistillConfig(**given)
     unused = [name for name, value in given.items() if value != getattr(DistillConfig, name)]
