@@ -38,8 +38,9 @@ class TBNConfig(QuantizationConfigMixin):
             ``"float16"``, ``"int8"`` (per row) or ``"int4"`` (per group), docs/embeddings.md.
         embedding_group_size: the int4 group size.
         warmup: fraction of QAT (any transformers ``Trainer``) that blends from the dense latent
-            weight to ``W_hat`` (hf_tbn.qat, docs/quality.md): ``"auto"`` (0.3 when some layer has
-            p >= 8, where plain QAT collapsed, else 0) or a number in [0, 1].
+            weight to ``W_hat`` (hf_tbn.warmup, docs/quality.md): ``"auto"`` (0.3, but 0 for models
+            that generate: their head is already trained and the warm-up made QAT worse) or a
+            number in [0, 1].
         converted_layers: the resolved p of every converted layer, named relative to the base
             model (as transformers' ``base_model_prefix`` does), filled in by the conversion and
             saved in config.json so that a reload rebuilds exactly the same layers.

@@ -11,9 +11,9 @@ from typing import Any
 
 from transformers import Trainer
 
-from .warmup import AUTO_WARMUP_FACTOR, DEFAULT_WARMUP, QuantizationWarmup, check_fraction, model_warmup, set_blend
+from .warmup import DEFAULT_WARMUP, QuantizationWarmup, check_fraction, model_warmup, set_blend
 
-__all__ = ["AUTO_WARMUP_FACTOR", "DEFAULT_WARMUP", "QuantizationWarmup", "TBNTrainer", "model_warmup", "set_blend"]
+__all__ = ["DEFAULT_WARMUP", "QuantizationWarmup", "TBNTrainer", "model_warmup", "set_blend"]
 
 
 class TBNTrainer(Trainer):

@@ -13,8 +13,8 @@ and what it measured: docs/quality.md ("Stable training at large p").
 
 Every transformers ``Trainer`` runs it once hf_tbn is imported: :func:`register_with_trainer`
 adds :class:`QuantizationWarmup` to transformers' default callbacks, and it takes its fraction
-from the model's ``TBNConfig(warmup=...)`` (``"auto"``: :data:`DEFAULT_WARMUP` when some layer
-has p >= :data:`AUTO_WARMUP_FACTOR`, else none). It does nothing for a model without latent TBN
+from the model's ``TBNConfig(warmup=...)`` (``"auto"``: :data:`DEFAULT_WARMUP`, except for models
+that generate (``can_generate()``: language models, whose head is already trained), which get none). It does nothing for a model without latent TBN
 layers. ``hf_tbn.qat.TBNTrainer(warmup=...)`` overrides the fraction. This module imports no
 ``transformers.trainer`` (it is registered while that module loads).
 """
@@ -30,10 +30,10 @@ from transformers.trainer_callback import TrainerCallback, TrainerControl, Train
 from .config import QUANT_METHOD, TBNConfig
 from .convert import tbn_layers
 
+# "auto" warms up every model but generative ones: on BBC (a new classification head) it lifted p = 4
+# from 1.2 points below fp to above it and stopped p = 8 collapsing; on SmolLM2 (a pretrained LM head)
+# it made QAT far worse (docs/quality.md).
 DEFAULT_WARMUP = 0.3
-# "auto" warms up models with a layer of at least this p: p = 8 and 16 collapsed on BBC without the
-# warm-up, p <= 4 did not, and on SmolLM2 at p = 4 the warm-up made QAT worse (docs/quality.md).
-AUTO_WARMUP_FACTOR = 8
 
 
 def set_blend(model: nn.Module, blend: float) -> None:
@@ -56,7 +56,8 @@ def model_warmup(model: nn.Module) -> float:
         config = TBNConfig.from_dict(config)
     warmup = config.warmup if isinstance(config, TBNConfig) else "auto"
     if warmup == "auto":
-        return DEFAULT_WARMUP if any(layer.compression_factor >= AUTO_WARMUP_FACTOR for layer in latent) else 0.0
+        generates = getattr(model, "can_generate", None)
+        return 0.0 if callable(generates) and generates() else DEFAULT_WARMUP
     return float(warmup)
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from test_distill import Tokens, targs
 from torch import nn
-from transformers import LlamaForCausalLM, Trainer
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification, Trainer
 
 from hf_tbn import TBNConfig, TBNConv2d, TBNLinear, convert_model, tbn_layers
 from hf_tbn.qat import QuantizationWarmup, TBNTrainer, set_blend
@@ -112,19 +112,31 @@ def blends_seen(model: nn.Module) -> list[float]:
     return seen
 
 
-@pytest.mark.parametrize(("config", "expected"), [
-    ({"compression_factor": 8}, [0, 0.4167, 0.8333, 1, 1, 1, 1, 1]),  # "auto", p = 8: 30% of 8 steps
-    ({"compression_factor": 4}, [1] * 8),  # "auto", p = 4: no warm-up
-    ({"compression_factor": 4, "warmup": 0.5}, [0, 0.25, 0.5, 0.75, 1, 1, 1, 1]),
-    ({"compression_factor": 8, "warmup": 0}, [1] * 8),
+class Classes(Tokens):
+    """Tokens, labelled by their first token mod 3: a task for a new classification head."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i][0] % 3}
+
+
+@pytest.mark.parametrize(("task", "config", "expected"), [
+    ("classify", {"compression_factor": 4}, [0, 0.4167, 0.8333, 1, 1, 1, 1, 1]),  # "auto": 30% of 8 steps
+    ("classify", {"compression_factor": 8, "warmup": 0}, [1] * 8),
+    ("generate", {"compression_factor": 8}, [1] * 8),  # "auto": a language model gets none
+    ("generate", {"compression_factor": 4, "warmup": 0.5}, [0, 0.25, 0.5, 0.75, 1, 1, 1, 1]),
 ])
-def test_plain_trainer_gets_the_models_warmup(config: dict, expected: list[float], tiny_llama_dir: Path,
+def test_plain_trainer_gets_the_models_warmup(task: str, config: dict, expected: list[float], tiny_llama_dir: Path,
                                               tmp_path: Path) -> None:
     """Once hf_tbn is imported every Trainer runs the warm-up the model's TBNConfig asks for."""
     tbn = TBNConfig(min_compress_size=0, **config)
-    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=tbn)
+    if task == "classify":
+        model = LlamaForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=3, pad_token_id=0,
+                                                               quantization_config=tbn)
+        data = Classes()
+    else:
+        model, data = LlamaForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=tbn), Tokens()
     seen = blends_seen(model)
-    Trainer(model=model, args=targs(tmp_path, steps=8), train_dataset=Tokens()).train()
+    Trainer(model=model, args=targs(tmp_path, steps=8), train_dataset=data).train()
     assert seen == pytest.approx(expected, abs=1e-4)
     assert all(layer.blend == 1.0 for _, layer in tbn_layers(model))  # plain TBN after training
     reloaded = TBNConfig.from_dict(model.config.quantization_config.to_dict())
@@ -133,7 +145,7 @@ def test_plain_trainer_gets_the_models_warmup(config: dict, expected: list[float
 
 def test_tbn_trainer_overrides_the_models_warmup(tiny_llama_dir: Path, tmp_path: Path) -> None:
     model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=TBNConfig(min_compress_size=0,
-                                                                                           compression_factor=8))
+                                                                                           warmup=0.5))
     seen = blends_seen(model)
     trainer = TBNTrainer(model=model, args=targs(tmp_path, steps=4), train_dataset=Tokens(), warmup=0)
     assert sum(isinstance(cb, QuantizationWarmup) for cb in trainer.callback_handler.callbacks) == 1
