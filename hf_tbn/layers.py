@@ -100,7 +100,7 @@ class TBNLayer(nn.Module):
         self.alpha_param = alpha_param
         self.backend = "auto"
         self._w_hat_cache: tuple[tuple, torch.Tensor] | None = None
-        # latent forward: blend * W_hat + (1 - blend) * W (hf_tbn.qat's warm-up; 1: plain TBN)
+        # latent forward: blend * W_hat + (1 - blend) * W (hf_tbn.warmup; 1: plain TBN)
         self.blend = 1.0
         factory = {"device": device, "dtype": dtype}
         self.bias = nn.Parameter(torch.zeros(weight_shape[0], **factory)) if bias else None

@@ -14,9 +14,10 @@ and what it measured: docs/quality.md ("Stable training at large p").
 Every transformers ``Trainer`` runs it once hf_tbn is imported: :func:`register_with_trainer`
 adds :class:`QuantizationWarmup` to transformers' default callbacks, and it takes its fraction
 from the model's ``TBNConfig(warmup=...)`` (``"auto"``: :data:`DEFAULT_WARMUP`, except for models
-that generate (``can_generate()``: language models, whose head is already trained), which get none). It does nothing for a model without latent TBN
-layers. ``hf_tbn.qat.TBNTrainer(warmup=...)`` overrides the fraction. This module imports no
-``transformers.trainer`` (it is registered while that module loads).
+that generate, ``can_generate()``: language models, whose head is already trained, get none). It
+does nothing for a model without latent TBN layers. ``hf_tbn.qat.TBNTrainer(warmup=...)``
+overrides the fraction. This module imports no ``transformers.trainer`` (it is registered while
+that module loads).
 """
 
 from __future__ import annotations

@@ -170,6 +170,11 @@ def native_error() -> str | None:
     return None
 
 
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as contiguous float32, copied only when it is not (decoding calls the kernels ~200 times a token)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
 def tile_linear(
     x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None, rows: int, row0: int = 0,
     out: torch.Tensor | None = None,
@@ -190,13 +195,8 @@ def tile_linear(
     if out is not None and (out.shape != (m, p * rows) or out.dtype != x.dtype):
         want, got = f"{x.dtype} {(m, p * rows)}", f"{out.dtype} {tuple(out.shape)}"
         raise ValueError(f"native tile_linear: out must be {want}, got {got}")
-    # decoding calls this ~200 times per token: convert and copy only what needs it
-    x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-    alpha32 = alpha if alpha.dtype == torch.float32 and alpha.is_contiguous() else alpha.float().contiguous()
-    bias_ptr = None
-    if bias is not None:
-        bias_ptr = (bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.float().contiguous())
-        bias_ptr = bias_ptr.data_ptr()
+    x32, alpha32 = _float32(x), _float32(alpha)
+    bias_ptr = None if bias is None else _float32(bias).data_ptr()
     direct = out is not None and out.dtype == torch.float32 and out.stride(1) == 1
     y = out if direct else torch.empty(m, p * rows)
     if not tile.is_contiguous():
@@ -225,7 +225,7 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> to
     if codes.dtype != torch.int8 or codes.shape != (n, k) or scale.dtype != torch.float32 or scale.shape != (n,):
         raise ValueError(f"native int8_linear: codes must be int8 (N, {k}) and scale float32 (N,), got codes "
                          f"{codes.dtype} {tuple(codes.shape)}, scale {scale.dtype} {tuple(scale.shape)}")
-    x32, codes, scale = x.float().contiguous(), codes.contiguous(), scale.contiguous()
+    x32, codes, scale = _float32(x), codes.contiguous(), scale.contiguous()
     y = torch.empty(m, n)
     library().int8_rows_linear(x32.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(), n, y.data_ptr(),
                                torch.get_num_threads())
