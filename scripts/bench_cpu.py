@@ -438,6 +438,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on shared machines)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per layer case (default 9; quick 3)")
     parser.add_argument("--skip-e2e", action="store_true", help="layers only")
+    parser.add_argument("--skip-layers", action="store_true", help="no layer and head tables")
     parser.add_argument("--skip-compile", action="store_true", help="no compiled-against-eager part")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per end-to-end generation")
     parser.add_argument("--rounds", type=int, default=3, help="end-to-end rounds (one process per variant each)")
@@ -457,8 +458,9 @@ def main() -> None:
     default = "compiled CPU kernel" if native_error() is None else f"torch path ({native_error()})"
     print(f"packed TBNLinear ({default}; 'torch path' column: dense / torch path) vs nn.Linear, float32, "
           f"{args.threads} thread(s), median of {repeats} rounds")
-    layer_table(shapes, ms, ps, repeats)
-    head_table(*((1024, 64) if args.quick else (49152, 576)), [1, 4] if args.quick else [1, 4, 16], repeats)
+    if not args.skip_layers:
+        layer_table(shapes, ms, ps, repeats)
+        head_table(*((1024, 64) if args.quick else (49152, 576)), [1, 4] if args.quick else [1, 4, 16], repeats)
     if not args.skip_compile:
         compiled_against_eager(args.quick, repeats)
     if not (args.quick or args.skip_e2e):
