@@ -37,8 +37,8 @@ EMBEDDING_FORMATS: tuple[str, ...] = ("bfloat16", "float16", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
 _FLOAT_FORMATS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _LEVELS = {"int8": 127, "int4": 7}
-# Inputs of at most this many rows use torch's weight-only CPU kernels, whose time grows with the
-# rows; larger inputs dequantize blocks of rows into a GEMM (docs/embeddings.md).
+# Inputs of at most this many rows use the weight-only CPU kernels (hf_tbn's int8, torch's int4), whose
+# time grows with the rows; larger inputs dequantize blocks of rows into a GEMM (docs/embeddings.md).
 KERNEL_MAX_ROWS = 16
 # torch's CPU int8 kernel returns garbage (no error) unless the row length is a multiple of this (torch 2.13).
 _INT8_TORCH_KERNEL_COLS = 16
