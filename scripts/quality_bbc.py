@@ -37,7 +37,7 @@ from hf_tbn import TBNConfig, pack_model
 from hf_tbn.demos.bbc import bbc_news, split
 from hf_tbn.demos.models import minilm_dir
 from hf_tbn.demos.train import accuracy, label_config, predict, tokenize
-from hf_tbn.embeddings import compress_dense_modules
+from hf_tbn.embeddings import DEFAULT_GROUP_SIZE, compress_dense_modules
 
 VARIANTS = "fp,1,2,4,8,16,4+warmup,8+warmup,16+warmup"
 QUICK_VARIANTS = "fp,4+warmup+distill"
@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--max-length", type=int, default=64, help="tokens per article")
+    parser.add_argument("--embedding-group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                        help="int4 group size of the compressed-embedding scores")
     add_variant_options(parser, VARIANTS)
     args = parser.parse_args()
     plan = variant_plan(args, VARIANTS, QUICK_VARIANTS, fp_teacher=True)
@@ -58,7 +60,8 @@ def main() -> None:
     budget = {"epochs": 0.05 if args.quick else args.epochs, "batch_size": 16,
               "max_length": 32 if args.quick else args.max_length, "lr": args.lr,
               "scheduler": "linear, 10% warm-up", "seeds": seeds, "test_fraction": 0.2,
-              "warmup": args.warmup, "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None}
+              "warmup": args.warmup, "int4 embedding group": args.embedding_group_size,
+              "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None}
     if args.validation:
         budget["validation_fraction_of_train"] = VALIDATION_FRACTION
 
@@ -97,7 +100,8 @@ def main() -> None:
             acc = 100 * accuracy(predict(model, scored, collate), scored["labels"])
             metrics = {metric: acc}
             if p is not None:
-                metrics.update(compressed_embedding_metrics(model, scored, collate, split_name))
+                metrics.update(compressed_embedding_metrics(model, scored, collate, split_name,
+                                                            args.embedding_group_size))
             results[variant].append(measure(f"p={variant}" if p is not None else None, model, metrics, seconds))
             print(f"bbc {variant} seed {seed}: {split_name} accuracy {acc:.2f}%  "
                   f"bits/weight {results[variant][-1].bits_converted:.3f}  {seconds:.0f}s", flush=True)
@@ -106,13 +110,15 @@ def main() -> None:
                          args.out, last)
 
 
-def compressed_embedding_metrics(model: torch.nn.Module, scored, collate, split_name: str) -> dict[str, float]:
+def compressed_embedding_metrics(model: torch.nn.Module, scored, collate, split_name: str,
+                                 group_size: int) -> dict[str, float]:
     """Accuracy and checkpoint size of the trained packed model with its embeddings and head compressed
-    afterwards (``hf_tbn.embeddings``, as ``TBNConfig.embedding_format`` stores them), for int8 and int4."""
+    afterwards (``hf_tbn.embeddings``, as ``TBNConfig.embedding_format`` stores them), for int8 and int4
+    (groups of ``group_size``)."""
     metrics = {}
     for fmt in ("int8", "int4"):
         compressed = copy.deepcopy(model)
-        compress_dense_modules(compressed, fmt)
+        compress_dense_modules(compressed, fmt, group_size)
         metrics[f"{split_name} accuracy % ({fmt} embeddings)"] = 100 * accuracy(
             predict(compressed, scored, collate), scored["labels"])
         metrics[f"checkpoint KB ({fmt} embeddings)"] = checkpoint_bytes(compressed) / 1024
