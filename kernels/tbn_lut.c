@@ -57,9 +57,27 @@ static void *scratch_alloc(size_t bytes) {
 
 #if defined(__AVX512F__)
 #include "tbn_lut_avx512.h"
-/* Rows of x below which each row goes through the AVX-512 single-row kernel (measured: see docs/kernels.md). */
+/* Blocks of fewer rows of x than this go row by row through the AVX-512 single-row kernel (measured:
+ * see docs/kernels.md): a whole small input, or the ragged last block of a larger one. */
 #define AVX512_ROWS 8
 #endif
+
+/* Rows [m0, m0 + lanes) of x, lanes <= 16: the kernel that suits the block's size. */
+static int lut_block(const float *x, int64_t m0, int64_t lanes, int64_t k, int64_t ldx, const uint8_t *tile,
+                     int64_t rows, const float *alpha, int64_t p, const float *bias, float *y, int64_t ldy,
+                     int threads) {
+#if defined(__AVX512F__)
+    if (lanes < AVX512_ROWS) {
+        for (int64_t r = m0; r < m0 + lanes; ++r) {
+            const int status = lut_row_avx512(x + r * ldx, k, tile, rows, alpha, p, bias, y + r * ldy, threads);
+            if (status) return status;
+        }
+        return 0;
+    }
+#endif
+    return lanes == 1 ? lut_block_1(x, m0, 1, k, ldx, tile, rows, alpha, p, bias, y, ldy, threads)
+                      : lut_block_16(x, m0, lanes, k, ldx, tile, rows, alpha, p, bias, y, ldy, threads);
+}
 
 /* 0 on success, -1 when scratch memory cannot be allocated, -2 when k is not a multiple of 8. */
 int tbn_lut_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *bits, int64_t rows,
@@ -67,19 +85,9 @@ int tbn_lut_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const uint
                    int threads) {
     if (k % 8 != 0) return -2;
     const uint8_t *tile = bits + row0 * (k / 8);
-#if defined(__AVX512F__)
-    if (m < AVX512_ROWS) {
-        for (int64_t r = 0; r < m; ++r) {
-            const int status = lut_row_avx512(x + r * ldx, k, tile, rows, alpha, p, bias, y + r * ldy, threads);
-            if (status) return status;
-        }
-        return 0;
-    }
-#endif
     for (int64_t m0 = 0; m0 < m; m0 += 16) {
-        const int64_t lanes = m - m0 < 16 ? m - m0 : 16;
-        const int status = lanes == 1 ? lut_block_1(x, m0, 1, k, ldx, tile, rows, alpha, p, bias, y, ldy, threads)
-                                      : lut_block_16(x, m0, lanes, k, ldx, tile, rows, alpha, p, bias, y, ldy, threads);
+        const int status = lut_block(x, m0, m - m0 < 16 ? m - m0 : 16, k, ldx, tile, rows, alpha, p, bias, y, ldy,
+                                     threads);
         if (status) return status;
     }
     return 0;

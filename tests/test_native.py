@@ -116,7 +116,9 @@ def unusable_setups(tmp_path: Path) -> dict[str, tuple[dict[str, str], str]]:
     shared.chmod(0o777)
     return {
         "no compiler": ({"CC": "", "PATH": str(Path(sys.executable).parent)}, "no C compiler found"),
-        "build fails": ({"CC": str(broken_cc)}, f"{broken_cc} could not build tbn_lut.c, int8_rows.c:\nbroken compiler"),
+        "build fails": (
+            {"CC": str(broken_cc)}, f"{broken_cc} could not build tbn_lut.c, int8_rows.c:\nbroken compiler"
+        ),
         "shared cache": ({"HF_TBN_CACHE": str(shared)}, f"refusing the kernel cache folder {shared}: it is writable"),
     }
 
