@@ -17,8 +17,7 @@ One line with Trainer::
 from __future__ import annotations
 
 import copy
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +77,7 @@ class DistillConfig:
 
 
 # The number-valued DistillConfig fields, the ones a command line sets (hidden_layers stays a Python option).
-NUMBER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DistillConfig) if f.type == "float")
+NUMBER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DistillConfig) if f.type == "float")
 
 
 def load_teacher(student: PreTrainedModel, source: str | Path | PreTrainedModel | None = None) -> PreTrainedModel:
