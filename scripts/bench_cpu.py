@@ -349,7 +349,7 @@ def child_run(work: Path, variant: str, tokens: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(work / "fp32")
     config = AutoConfig.from_pretrained(work / "fp32")
     AutoModelForCausalLM._model_mapping[type(config)]  # imports the model class's module
-    after_imports = _status_mb("VmRSS")
+    runtime = _status_mb("VmRSS")
     if variant in PEERS:
         model = load_peer(work, variant)
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # give the freed fp32 weights back to the system
@@ -369,7 +369,7 @@ def child_run(work: Path, variant: str, tokens: int) -> dict:
         perplexity = math.exp(model(ids, labels=ids).loss.item())
     new = out[0, inputs["input_ids"].shape[1] :]
     return {
-        "tokens_per_s": len(new) / seconds, "peak_rss_mb": peak, "rss_after_imports_mb": after_imports,
+        "tokens_per_s": len(new) / seconds, "peak_rss_mb": peak, "runtime_rss_mb": runtime,
         "perplexity": perplexity, "text": tokenizer.decode(new[:12]),
     }
 
@@ -405,11 +405,11 @@ def end_to_end(threads: int, tokens: int, rounds: int) -> None:
     print(f"{'variant':>12} {'tokens/s':>9} {'peak RSS MB':>12} {'above runtime MB':>17} {'checkpoint MB':>14} "
           f"{'perplexity':>11}  text")
     for variant, m in med.items():
-        above = m["peak_rss_mb"] - m["rss_after_imports_mb"]
+        above = m["peak_rss_mb"] - m["runtime_rss_mb"]
         size = f"{sizes[variant]:.1f}" if variant in sizes else "-"
         print(f"{variant:>12} {m['tokens_per_s']:>9.2f} {m['peak_rss_mb']:>12.1f} {above:>17.1f} {size:>14} "
               f"{m['perplexity']:>11.4g}  {runs[variant][0]['text']!r}")
-    above = {v: m["peak_rss_mb"] - m["rss_after_imports_mb"] for v, m in med.items()}
+    above = {v: m["peak_rss_mb"] - m["runtime_rss_mb"] for v, m in med.items()}
     for variant in ("tbn", "tbn-bf16"):
         speed = med[variant]["tokens_per_s"] / med["fp32"]["tokens_per_s"]
         memory = med[variant]["peak_rss_mb"] / med["fp32"]["peak_rss_mb"]
