@@ -249,6 +249,8 @@ def train(args: argparse.Namespace) -> int:
     own, training, cli = parser.parse_args_into_dataclasses(args.rest)
     src, data, out, checkpoints = Path(cli.src), Path(cli.data), Path(cli.out), Path(training.output_dir)
     distill = qat.distill_config(own)
+    if own.warmup is not None and not 0 <= own.warmup <= 1:
+        raise UserError(f"--warmup {own.warmup}: expected a fraction of the training steps in [0, 1]")
     teacher = [Path(own.teacher)] if own.teacher is not None and Path(own.teacher).exists() else []
     check_output(out, [src, data, checkpoints, *teacher], cli.overwrite)
     check_output(checkpoints, [src], overwrite=True)
@@ -273,7 +275,8 @@ def train(args: argparse.Namespace) -> int:
     train_set, eval_set = (None if d is None else qat.tokenize(d, tokenizer, own.max_length, own.text_column,
                                                               label_column, names) for d in (train_set, eval_set))
     existed = checkpoints.exists()
-    trainer = qat.make_trainer(model, training, own.task, tokenizer, train_set, eval_set, distill, own.teacher)
+    trainer = qat.make_trainer(model, training, own.task, tokenizer, train_set, eval_set, distill, own.teacher,
+                               own.warmup)
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:

@@ -62,6 +62,13 @@ def model_warmup(model: nn.Module) -> float:
     return float(warmup)
 
 
+def blend_at(step: int, max_steps: int, fraction: float) -> float:
+    """The blend at the start of optimizer step ``step`` of ``max_steps``: 0 -> 1 over the first ``fraction``."""
+    if not fraction or max_steps <= 0:
+        return 1.0
+    return min(1.0, step / (fraction * max_steps))
+
+
 def check_fraction(fraction: object) -> None:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
         raise ValueError(f"QuantizationWarmup fraction must be a number in [0, 1], got {fraction!r}")
@@ -80,13 +87,6 @@ class QuantizationWarmup(TrainerCallback):
         self.fraction = fraction
         self._active = 0.0  # the fraction of the current training run
 
-    def blend_at(self, step: int, max_steps: int, fraction: float | None = None) -> float:
-        """The blend at the start of optimizer step ``step`` of ``max_steps`` (``fraction``: this run's)."""
-        fraction = self.fraction if fraction is None else fraction
-        if not fraction or max_steps <= 0:
-            return 1.0
-        return min(1.0, step / (fraction * max_steps))
-
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, **kwargs: Any) -> None:
         self._active = 0.0 if model is None else self.fraction if self.fraction is not None else model_warmup(model)
@@ -94,7 +94,7 @@ class QuantizationWarmup(TrainerCallback):
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is not None and self._active:
-            set_blend(model, self.blend_at(state.global_step, state.max_steps, self._active))
+            set_blend(model, blend_at(state.global_step, state.max_steps, self._active))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module | None = None, **kwargs: Any) -> None:

@@ -29,6 +29,7 @@ from results import (
     quality_parser,
     seeds_of,
     train_variant,
+    trainer_output_dir,
     variant_plan,
 )
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
@@ -86,7 +87,7 @@ def main() -> None:
             extra = {} if p is None else {"quantization_config": TBNConfig(compression_factor=p)}
             model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **label_config(names), **extra)
             targs = TrainingArguments(
-                output_dir=str(args.out / "trainer-tmp"), num_train_epochs=budget["epochs"],
+                output_dir=trainer_output_dir(), num_train_epochs=budget["epochs"],
                 per_device_train_batch_size=budget["batch_size"], learning_rate=args.lr, warmup_steps=0.1,
                 lr_scheduler_type="linear", save_strategy="no", report_to="none", use_cpu=True, seed=seed,
                 data_seed=seed, logging_strategy="no", disable_tqdm=True,

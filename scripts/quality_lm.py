@@ -27,6 +27,7 @@ from results import (
     publish,
     quality_parser,
     train_variant,
+    trainer_output_dir,
     variant_plan,
 )
 from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback, TrainingArguments
@@ -135,7 +136,7 @@ def main() -> None:
         model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
         before = perplexity(model, test)
         targs = TrainingArguments(
-            output_dir=str(args.out / "trainer-tmp"), max_steps=steps, per_device_train_batch_size=args.batch,
+            output_dir=trainer_output_dir(), max_steps=steps, per_device_train_batch_size=args.batch,
             learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no",
             report_to="none", use_cpu=True, seed=args.seed, data_seed=args.seed, logging_steps=10,
             disable_tqdm=True,

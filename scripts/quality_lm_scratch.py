@@ -28,6 +28,7 @@ from results import (
     quality_parser,
     seeds_of,
     train_variant,
+    trainer_output_dir,
     variant_plan,
 )
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, set_seed
@@ -93,7 +94,7 @@ def main() -> None:
             if p is not None:
                 quantize_model(model, TBNConfig(compression_factor=p))
             targs = TrainingArguments(
-                output_dir=str(args.out / "trainer-tmp"), max_steps=steps, per_device_train_batch_size=args.batch,
+                output_dir=trainer_output_dir(), max_steps=steps, per_device_train_batch_size=args.batch,
                 learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no",
                 report_to="none", use_cpu=True, seed=seed, data_seed=seed, logging_steps=50, disable_tqdm=True,
             )

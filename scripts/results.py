@@ -9,6 +9,8 @@ A ``--quick`` run publishes under ``--out`` (a scratch folder) instead of docs/.
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
 import json
 import shlex
 import statistics
@@ -69,6 +71,15 @@ def quality_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=seed_list, help="comma-separated seeds (default: --seed)")
     return parser
+
+
+@functools.cache
+def trainer_output_dir() -> str:
+    """A scratch ``output_dir`` for the scripts' Trainers, which save nothing: removed at exit, so that no run
+    leaves an empty folder under ``--out`` (docs/)."""
+    directory = tempfile.TemporaryDirectory(prefix="hf-tbn-trainer-")
+    atexit.register(directory.cleanup)
+    return directory.name
 
 
 def seed_list(text: str) -> list[int]:

@@ -27,6 +27,7 @@ from transformers import (
 from hf_tbn import tbn_layers
 from hf_tbn.cli import main
 from hf_tbn.version import version
+from hf_tbn.warmup import DEFAULT_WARMUP, QuantizationWarmup
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +254,26 @@ def test_train_causal_lm_from_jsonl_reports_perplexity(tmp_path: Path, minilm_di
     assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-5)
     assert list(tbn_layers(AutoModelForCausalLM.from_pretrained(tmp_path / "out")))
     assert "eval_perplexity" in capsys.readouterr().out
+
+
+def test_train_warmup_option_overrides_the_models_fraction(fp_folder: Path, reviews: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset: the model's TBNConfig ("auto": 0.3 for a classifier); --warmup sets it; out of [0, 1] is refused."""
+    fractions = []
+    begin = QuantizationWarmup.on_train_begin
+
+    def recording_begin(self: QuantizationWarmup, *args: object, **kwargs: object) -> None:
+        begin(self, *args, **kwargs)
+        fractions.append(self._active)
+
+    monkeypatch.setattr(QuantizationWarmup, "on_train_begin", recording_begin)
+    common = ["--max_steps", "1", "--min-compress-size", "0", "--save_strategy", "no", "--eval_fraction", "0"]
+    assert main(["train", str(fp_folder), str(reviews), str(tmp_path / "auto"), *common]) == 0
+    assert main(["train", str(fp_folder), str(reviews), str(tmp_path / "half"), "--warmup", "0.5", *common]) == 0
+    assert fractions == [DEFAULT_WARMUP, 0.5]
+    assert main(["train", str(fp_folder), str(reviews), str(tmp_path / "bad"), "--warmup", "2", *common]) == 2
+    assert "--warmup 2.0: expected a fraction" in error_line(capsys) and not (tmp_path / "bad").exists()
 
 
 def test_train_refuses_a_missing_column(fp_folder: Path, reviews: Path, tmp_path: Path,

@@ -122,7 +122,7 @@ def test_without_distillation_terms_it_trains_exactly_like_trainer(tiny_llama_di
     plain = student(tiny_llama_dir)
     Trainer(model=plain, args=targs(tmp_path / "a"), train_dataset=Tokens()).train()
     distilled = student(tiny_llama_dir)
-    DistillationTrainer(model=distilled, args=targs(tmp_path / "b"), train_dataset=Tokens(), warmup=0,
+    DistillationTrainer(model=distilled, args=targs(tmp_path / "b"), train_dataset=Tokens(),
                         distill=DistillConfig(kl_weight=0)).train()
     a, b = trained_state(plain), trained_state(distilled)
     assert a.keys() == b.keys()

@@ -12,7 +12,9 @@ from torch import nn
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification, Trainer
 
 from hf_tbn import TBNConfig, TBNConv2d, TBNLinear, convert_model, tbn_layers
+from hf_tbn.demos.fashion_mnist import train
 from hf_tbn.qat import QuantizationWarmup, TBNTrainer, set_blend
+from hf_tbn.warmup import blend_at
 
 
 def literal_w_hat(w: torch.Tensor, p: int) -> torch.Tensor:
@@ -75,9 +77,8 @@ def test_blend_one_is_plain_tbn_and_packed_layers_are_left_alone() -> None:
 
 
 def test_schedule() -> None:
-    warmup = QuantizationWarmup(0.25)
-    assert [warmup.blend_at(s, 20) for s in (0, 1, 4, 5, 19)] == pytest.approx([0, 0.2, 0.8, 1, 1])
-    assert QuantizationWarmup(0).blend_at(0, 20) == 1.0
+    assert [blend_at(s, 20, 0.25) for s in (0, 1, 4, 5, 19)] == pytest.approx([0, 0.2, 0.8, 1, 1])
+    assert blend_at(0, 20, 0) == 1.0
     with pytest.raises(ValueError, match="fraction"):
         QuantizationWarmup(2)
 
@@ -173,3 +174,15 @@ def test_bad_warmup_values_are_refused() -> None:
             TBNConfig(warmup=bad)
     with pytest.raises(ValueError, match="fraction must be a number"):
         TBNTrainer(model=nn.Linear(2, 2), warmup=2)
+
+
+def test_own_training_loop_warms_up_over_its_steps_and_ends_as_plain_tbn() -> None:
+    """``hf_tbn.demos.fashion_mnist.train(warmup=f)`` (the quality scripts' loop) blends like the Trainer callback."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    convert_model(model, TBNConfig(compression_factor=4, min_compress_size=0, modules_to_not_convert=["3"]))
+    blends: list[float] = []
+    model[1].register_forward_pre_hook(lambda layer, args: blends.append(layer.blend))
+    train(model, torch.randn(40, 4, 4), torch.randint(0, 3, (40,)), epochs=2, seed=0, batch_size=10, warmup=0.5)
+    assert blends == pytest.approx([0, 0.25, 0.5, 0.75, 1, 1, 1, 1])  # 8 steps, the first 4 warm up
+    assert model[1].blend == 1.0

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import TBNConv2d, TBNLinear
+from ..warmup import blend_at, set_blend
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
@@ -102,19 +103,25 @@ def _conv(c_in: int, c_out: int, p: int | None) -> nn.Module:
 
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int,
-          lr: float = 1e-3, batch_size: int = 128, cosine: bool = False) -> nn.Module:
+          lr: float = 1e-3, batch_size: int = 128, cosine: bool = False, warmup: float = 0.0) -> nn.Module:
     """Adam with cross-entropy over shuffled mini-batches (latent TBN layers train as QAT).
 
     ``cosine`` anneals the learning rate to zero over the run (per step) instead of keeping it.
+    ``warmup``: the fraction of the steps over which the latent TBN layers blend from their dense
+    weight to ``W_hat`` (hf_tbn.warmup, what a Trainer does by default); 0: plain TBN from the start.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * -(-images.shape[0] // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
     model.train()
+    step = 0
     for _ in range(epochs):
         order = torch.randperm(images.shape[0], generator=generator)
         for start in range(0, images.shape[0], batch_size):
+            if warmup:
+                set_blend(model, blend_at(step, steps, warmup))
+            step += 1
             idx = order[start : start + batch_size]
             loss = F.cross_entropy(model(images[idx]), labels[idx])
             optimizer.zero_grad()
@@ -122,6 +129,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: 
             optimizer.step()
             if schedule is not None:
                 schedule.step()
+    if warmup:
+        set_blend(model, 1.0)
     return model.eval()
 
 

@@ -29,6 +29,7 @@ from transformers import (
 
 from hf_tbn import TBNConfig, to_latent_model
 from hf_tbn.distill import NUMBER_FIELDS, DistillationTrainer, DistillConfig
+from hf_tbn.qat import TBNTrainer
 
 Task = Literal["classification", "causal-lm"]
 TASKS: tuple[str, ...] = get_args(Task)
@@ -54,6 +55,9 @@ class TrainArguments:
     max_length: int = field(default=128, metadata={"help": "tokens per example (longer texts are truncated)"})
     pack: bool = field(default=False, metadata={"help": "save the packed form instead of the latent form"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output_dir"})
+    warmup: float | None = field(default=None, metadata={
+        "help": "fraction of the steps that blend from the dense to the tiled weight (hf_tbn.warmup, 0: none); "
+                "unset: the model's TBNConfig.warmup ('auto': 0.3, none for causal LMs)"})
     distill: bool = field(default=False, metadata={
         "help": "add distillation from a full-precision teacher to the loss (docs/distillation.md)"})
     teacher: str | None = field(default=None, metadata={
@@ -218,11 +222,12 @@ def _classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
 
 def make_trainer(model: PreTrainedModel, args: TrainingArguments, task: str, tokenizer: PreTrainedTokenizerBase,
                  train: Dataset, evaluation: Dataset | None = None, distill: DistillConfig | None = None,
-                 teacher: str | None = None) -> Trainer:
+                 teacher: str | None = None, warmup: float | None = None) -> Trainer:
     """Trainer with the task's collator and metrics (accuracy for classification; loss, perplexity after).
 
     With ``distill``, a :class:`hf_tbn.distill.DistillationTrainer` with that loss and ``teacher``
-    (None: the checkpoint ``model`` was loaded from, before conversion).
+    (None: the checkpoint ``model`` was loaded from, before conversion). ``warmup``: the warm-up fraction
+    (None: the model's ``TBNConfig.warmup``).
     """
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -234,8 +239,8 @@ def make_trainer(model: PreTrainedModel, args: TrainingArguments, task: str, tok
               "data_collator": collate, "processing_class": tokenizer,
               "compute_metrics": _classification_metrics if classify else None}
     if distill is None:
-        return Trainer(**common)
-    return DistillationTrainer(**common, teacher=teacher, distill=distill)
+        return TBNTrainer(**common, warmup=warmup)
+    return DistillationTrainer(**common, teacher=teacher, distill=distill, warmup=warmup)
 
 
 def evaluate(trainer: Trainer, task: str) -> dict[str, float]:
