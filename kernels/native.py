@@ -11,14 +11,17 @@ extension build.
 The cache is trusted only as far as it is private: the folder is created ``0700``; a folder, library
 or checksum file that another user owns, or that group or others can write, is refused (whoever can
 write it could run code in this process). Each build records the library's size and sha256 beside it
-(written atomically); a library is loaded only when it matches that record, and rebuilt otherwise (a
-truncated or altered file is never mapped). When no compiler is found, the build fails or the cache
-is refused, :func:`native_error` says why and the ``"auto"`` backend uses the torch path.
+(written atomically, under a lock file so that concurrent first uses build once); a library is loaded
+only when it matches that record, and rebuilt otherwise (a truncated or altered file is never mapped).
+When no compiler is found, the build fails or the cache is refused, :func:`native_error` says why and
+the ``"auto"`` backend uses the torch path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -27,6 +30,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -134,6 +138,18 @@ def _build(cc: str, target: Path) -> None:
         raise NativeUnavailable(f"{cc} could not build {', '.join(s.name for s in SOURCES)}:\n{errors[-2000:]}")
 
 
+@contextlib.contextmanager
+def _build_lock(library: Path) -> Iterator[None]:
+    """An exclusive lock on ``library``'s lock file: processes starting at once (DDP ranks, parallel tests)
+    build it once, and none checks it while another replaces it."""
+    fd = os.open(library.with_name(library.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def load(folder: Path) -> ctypes.CDLL:
     """The kernel from the private cache ``folder``, built or rebuilt there unless it matches its last build."""
     cc = _compiler()
@@ -141,10 +157,11 @@ def load(folder: Path) -> ctypes.CDLL:
     sources = [path.read_text() for path in (*SOURCES, *HEADERS)]
     key = hashlib.sha256("\0".join([*sources, *FLAGS, cc, version, _cpu_signature()]).encode())
     target = _private_folder(folder) / f"tbn_lut-{key.hexdigest()[:16]}.so"
-    if not _matches_build(target):
-        _build(cc, target)
+    with _build_lock(target):
         if not _matches_build(target):
-            raise NativeUnavailable(f"{target} changed right after it was built (another process writing the cache?)")
+            _build(cc, target)
+            if not _matches_build(target):
+                raise NativeUnavailable(f"{target} changed right after it was built (written by another user?)")
     lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.tbn_lut_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int]

@@ -267,6 +267,21 @@ def test_build_is_cached_per_machine(tmp_path: Path) -> None:
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
 
 
+def test_processes_starting_at_once_build_once(tmp_path: Path) -> None:
+    """Three processes find an empty cache together: one compiles (under the lock), the others load its build."""
+    log, wrapper = tmp_path / "compiles.log", tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\n{native._compiler()} "$@" || exit $?\n'  # logs each successful build
+                       f'case " $* " in *" -shared "*) echo build >> {log} ;; esac\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "HF_TBN_CACHE": str(tmp_path / "cache"), "CC": str(wrapper)}
+    code = "from hf_tbn.kernels import native; print(native.native_error())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [out.strip() for out, _ in outputs] == ["None"] * 3, outputs
+    assert log.read_text().splitlines() == ["build"]
+
+
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize(("n", "k"), [(7, 40), (64, 576), (3, 9)])  # ragged blocks of 4 rows, K % 16 != 0
 def test_int8_rows_linear_matches_float64(m: int, n: int, k: int) -> None:
