@@ -40,7 +40,8 @@ class TBNConfig(QuantizationConfigMixin):
         warmup: fraction of QAT (any transformers ``Trainer``) that blends from the dense latent
             weight to ``W_hat`` (hf_tbn.warmup, docs/quality.md): ``"auto"`` (0.3, but 0 for models
             that generate: their head is already trained and the warm-up made QAT worse) or a
-            number in [0, 1].
+            number in [0, 1]. It keeps what pretrained weights compute; a model trained from scratch
+            has nothing to keep (a ResNet lost 1 point with it): pass 0 there.
         converted_layers: the resolved p of every converted layer, named relative to the base
             model (as transformers' ``base_model_prefix`` does), filled in by the conversion and
             saved in config.json so that a reload rebuilds exactly the same layers.
