@@ -43,13 +43,14 @@ def test_quality_script_quick(tmp_path: Path, script: str, tasks: list[str], var
 
 
 def test_quality_fashion_mnist_seeds_quick(tmp_path: Path) -> None:
-    """Several seeds give one row per chosen variant with the spread over the seeds; a bad variant (or one that
-    needs a teacher, which this script's own loop has not) is refused."""
+    """Several seeds give one row per chosen variant with the spread over the seeds, scored on the validation
+    split when asked; a bad variant (or one that needs a teacher, which this script's own loop has not) is
+    refused."""
     stdout = run_script("quality_fashion_mnist.py", "--quick", "--out", str(tmp_path), "--tasks", "resnet",
-                        "--variants", "fp,8+warmup", "--seeds", "0,1")
-    check_published(tmp_path, stdout, ["fashion_mnist-resnet"], 2)
+                        "--variants", "fp,8+warmup", "--seeds", "0,1", "--validation")
+    check_published(tmp_path, stdout, ["fashion_mnist-resnet-validation"], 2)
     header, _, *rows = table_lines(stdout)
-    assert "test accuracy % std" in header and "worst seed" in header
+    assert "validation accuracy % std" in header and "worst seed" in header
     assert [row.split("|")[1].strip() for row in rows] == ["fp", "p=8+warmup"]
     cells = [[float(cell) for cell in row.split("|")[2:6]] for row in rows]  # mean, std, worst seed, seeds
     assert all(seeds == 2 and std >= 0 and worst <= mean for mean, std, worst, seeds in cells)
