@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--mlp-epochs", type=int, default=20)
     parser.add_argument("--cnn-epochs", type=int, default=10)
     parser.add_argument("--resnet-epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of every variant")
     parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="lr over the run")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -139,7 +140,7 @@ def main() -> None:
     if args.quick:
         x_train, y_train, x_test, y_test = x_train[:512], y_train[:512], x_test[:256], y_test[:256]
     data = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-    common = {"data": data, "seeds": seeds_of(args), "variants": args.variants, "lr": 1e-3,
+    common = {"data": data, "seeds": seeds_of(args), "variants": args.variants, "lr": args.lr,
               "schedule": args.schedule, "warmup": args.warmup, "alpha_param": args.alpha_param,
               "out": args.out,
               "metric": f"{'validation' if args.validation else 'test'} accuracy %"}
