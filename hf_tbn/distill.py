@@ -177,10 +177,9 @@ class DistillationTrainer(TBNTrainer):
         teacher: the teacher model, its folder or Hub id; ``None``: the checkpoint the student was loaded from
             (:func:`load_teacher`). Loaded once, frozen, in eval mode, on the student's device and dtype.
         distill: weights, temperature and schedule; the default is :class:`DistillConfig`'s.
-        warmup: fraction of training with :class:`hf_tbn.qat.QuantizationWarmup`; None: the model's
-            ``TBNConfig.warmup``, as for any Trainer ("auto": none for language models, where it made distilled
-            QAT worse, 0.3 for the rest; docs/distillation.md).
-        *args, **kwargs: as for ``Trainer``.
+        *args, **kwargs: as for :class:`hf_tbn.qat.TBNTrainer`: ``warmup`` None (the default) takes the model's
+            ``TBNConfig.warmup`` ("auto": none for language models, where it made distilled QAT worse, 0.3 for
+            the rest; docs/distillation.md).
 
     Works under ``accelerate launch`` (DDP): each process runs its own teacher copy on its own batch.
     """
@@ -189,8 +188,8 @@ class DistillationTrainer(TBNTrainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, teacher: str | Path | PreTrainedModel | None = None,
-                 distill: DistillConfig | None = None, warmup: float | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, warmup=warmup, **kwargs)
+                 distill: DistillConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.distill = distill if distill is not None else DistillConfig()
         self.model_accepts_loss_kwargs = False  # the task loss stays a per-batch mean, like the other terms
         self.teacher = load_teacher(self.model, teacher)

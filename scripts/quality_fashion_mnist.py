@@ -78,11 +78,12 @@ def variant_list(text: str) -> list[str]:
 
 def run_task(name: str, label: str, build: Callable[[], nn.Module], data: dict[str, torch.Tensor], epochs: int,
              seeds: list[int], variants: list[str], lr: float, schedule: str, warmup: float, alpha_param: str,
-             metric: str, min_compress_size: int, fp_layers: list[str], out: Path, notes: str = "") -> None:
+             validation: bool, min_compress_size: int, fp_layers: list[str], out: Path, notes: str = "") -> None:
     """Train every variant with every seed and publish the rows after each (``+warmup`` variants warm up over
     the fraction ``warmup`` of the steps, the others train plain); ``fp_layers`` stay full precision in all TBN
     variants (the classifier head above all: tiled, its output blocks would be scaled copies of each other, i.e.
     classes that cannot be told apart). Per seed every variant starts from the same dense weights."""
+    metric = f"{'validation' if validation else 'test'} accuracy %"
     budget = {"epochs": epochs, "batch_size": 128, "optimizer": "Adam", "lr": lr, "lr schedule": schedule,
               **({"seed": seeds[0]} if len(seeds) == 1 else {"seeds": seeds}),
               **({"warmup": warmup} if any("+warmup" in v for v in variants) else {}),
@@ -110,7 +111,6 @@ def run_task(name: str, label: str, build: Callable[[], nn.Module], data: dict[s
             print(f"{name} {row.variant} seed {seed}: {metric} {100 * acc:.2f}  bits/weight {row.bits_converted:.3f}"
                   f"  {seconds:.0f}s  factors {row.converted_layers}", flush=True)
             rows = [r[0] if len(seeds) == 1 else over_seeds(r, metric, True) for r in results.values() if r]
-            validation = metric.startswith("validation")
             publish(Task(f"fashion_mnist-{name}" + ("-validation" if validation else ""),
                          f"Fashion-MNIST, {label} from scratch" + (": validation split" if validation else ""),
                          metric, True, budget, rows, notes), out, show=seed == seeds[-1] and variant == variants[-1])
@@ -143,7 +143,7 @@ def main() -> None:
     common = {"data": data, "seeds": seeds_of(args), "variants": args.variants, "lr": args.lr,
               "schedule": args.schedule, "warmup": args.warmup, "alpha_param": args.alpha_param,
               "out": args.out,
-              "metric": f"{'validation' if args.validation else 'test'} accuracy %"}
+              "validation": args.validation}
     if "mlp" in args.tasks:
         run_task("mlp", "MLP", mlp, epochs=1 if args.quick else args.mlp_epochs, min_compress_size=64_000,
                  fp_layers=["fc3"], **common)
