@@ -5,10 +5,11 @@ variants are the dense model converted with ``hf_tbn.convert_model`` before trai
 (quantization-aware training from the dense initialisation), then packed for evaluation.
 A variant is ``fp``, ``P`` (TBN with p = P) or ``P+warmup`` (the dense-to-tiled warm-up a Trainer
 runs by default, hf_tbn.warmup; plain ``P`` trains without it); with several ``--seeds`` each variant's row holds
-the mean accuracy over the seeds, its standard deviation and the worst seed.
+the mean accuracy over the seeds, its standard deviation and the worst seed. ``--lr`` may give some
+variants their own learning rate (each chosen on the ``--validation`` split).
 
     .venv/bin/python scripts/quality_fashion_mnist.py           # full budget, writes docs/
-    .venv/bin/python scripts/quality_fashion_mnist.py --tasks resnet --variants fp,4,8 --seeds 0,1,2
+    .venv/bin/python scripts/quality_fashion_mnist.py --tasks resnet --variants fp,4,8 --seeds 0,1,2 --lr 1e-3,4=3e-3
     .venv/bin/python scripts/quality_fashion_mnist.py --tasks resnet --variants 4,4+warmup --validation
     .venv/bin/python scripts/quality_fashion_mnist.py --quick --out /tmp/q   # CI smoke run
 """
@@ -76,15 +77,39 @@ def variant_list(text: str) -> list[str]:
     return variants
 
 
+def learning_rates(text: str) -> dict[str, float]:
+    """``--lr``: the Adam learning rate of every variant (``1e-3``), optionally followed by rates for some
+    variants (``1e-3,4=3e-3,8=3e-3``: each variant at its own rate, chosen with ``--validation``).
+    Returns ``{"": default, variant: rate, ...}``."""
+    rates: dict[str, float] = {}
+    for item in text.split(","):
+        variant, _, value = item.rpartition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = 0.0
+        if rate <= 0 or variant in rates:
+            raise argparse.ArgumentTypeError(f"--lr item {item!r} in {text!r}: expected one positive LR, then "
+                                             "VARIANT=LR once per variant, e.g. 1e-3,4=3e-3")
+        rates[variant] = rate
+    if "" not in rates:
+        raise argparse.ArgumentTypeError(f"--lr {text!r}: start with the rate of the other variants, e.g. 1e-3,4=3e-3")
+    return rates
+
+
 def run_task(name: str, label: str, build: Callable[[], nn.Module], data: dict[str, torch.Tensor], epochs: int,
-             seeds: list[int], variants: list[str], lr: float, schedule: str, warmup: float, alpha_param: str,
-             validation: bool, min_compress_size: int, fp_layers: list[str], out: Path, notes: str = "") -> None:
-    """Train every variant with every seed and publish the rows after each (``+warmup`` variants warm up over
-    the fraction ``warmup`` of the steps, the others train plain); ``fp_layers`` stay full precision in all TBN
-    variants (the classifier head above all: tiled, its output blocks would be scaled copies of each other, i.e.
-    classes that cannot be told apart). Per seed every variant starts from the same dense weights."""
+             seeds: list[int], variants: list[str], lr: dict[str, float], schedule: str, warmup: float,
+             alpha_param: str, validation: bool, min_compress_size: int, fp_layers: list[str], out: Path,
+             notes: str = "") -> None:
+    """Train every variant with every seed (at ``lr.get(variant, lr[""])``) and publish the rows after each
+    (``+warmup`` variants warm up over the fraction ``warmup`` of the steps, the others train plain); ``fp_layers``
+    stay full precision in all TBN variants (the classifier head above all: tiled, its output blocks would be
+    scaled copies of each other, i.e. classes that cannot be told apart). Per seed every variant starts from the
+    same dense weights."""
     metric = f"{'validation' if validation else 'test'} accuracy %"
-    budget = {"epochs": epochs, "batch_size": 128, "optimizer": "Adam", "lr": lr, "lr schedule": schedule,
+    rates = {v: lr.get(v, lr[""]) for v in variants}
+    budget = {"epochs": epochs, "batch_size": 128, "optimizer": "Adam",
+              "lr": rates[variants[0]] if len(set(rates.values())) == 1 else rates, "lr schedule": schedule,
               **({"seed": seeds[0]} if len(seeds) == 1 else {"seeds": seeds}),
               **({"warmup": warmup} if any("+warmup" in v for v in variants) else {}),
               **({"alpha_param": alpha_param} if alpha_param != "latent" else {}),
@@ -101,7 +126,7 @@ def run_task(name: str, label: str, build: Callable[[], nn.Module], data: dict[s
                 convert_model(model, TBNConfig(compression_factor=p, min_compress_size=min_compress_size,
                                                modules_to_not_convert=fp_layers, alpha_param=alpha_param))
             start = time.time()
-            train(model, data["x_train"], data["y_train"], epochs=epochs, seed=seed, lr=lr,
+            train(model, data["x_train"], data["y_train"], epochs=epochs, seed=seed, lr=rates[variant],
                   cosine=schedule == "cosine", warmup=warmup if with_warmup else 0.0)
             seconds = time.time() - start
             pack_model(model)
@@ -128,9 +153,13 @@ def main() -> None:
     parser.add_argument("--mlp-epochs", type=int, default=20)
     parser.add_argument("--cnn-epochs", type=int, default=10)
     parser.add_argument("--resnet-epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of every variant")
+    parser.add_argument("--lr", type=learning_rates, default=learning_rates("1e-3"),
+                        help="Adam learning rate of every variant, then VARIANT=LR for variants at their own rate "
+                             "(e.g. 1e-3,4=3e-3)")
     parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="lr over the run")
     args = parser.parse_args()
+    if unknown := sorted(set(args.lr) - {""} - set(args.variants)):
+        parser.error(f"--lr sets a rate for {', '.join(unknown)}, which --variants does not run")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     x_train, y_train = load_fashion_mnist("train")
     x_test, y_test = load_fashion_mnist("test")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,19 +46,24 @@ def test_quality_script_quick(tmp_path: Path, script: str, tasks: list[str], var
 def test_quality_fashion_mnist_seeds_quick(tmp_path: Path) -> None:
     """Several seeds give one row per chosen variant with the spread over the seeds, scored on the validation
     split when asked; a bad variant (or one that needs a teacher, which this script's own loop has not) is
-    refused."""
+    refused, and so is a learning rate for a variant that does not run."""
     stdout = run_script("quality_fashion_mnist.py", "--quick", "--out", str(tmp_path), "--tasks", "resnet",
-                        "--variants", "fp,8+warmup", "--seeds", "0,1", "--validation")
+                        "--variants", "fp,8+warmup", "--seeds", "0,1", "--validation", "--lr", "1e-3,8+warmup=3e-3")
     check_published(tmp_path, stdout, ["fashion_mnist-resnet-validation"], 2)
+    budget = json.loads((tmp_path / "results" / "fashion_mnist-resnet-validation.json").read_text())["budget"]
+    assert budget["lr"] == {"fp": 1e-3, "8+warmup": 3e-3}
     header, _, *rows = table_lines(stdout)
     assert "validation accuracy % std" in header and "worst seed" in header
     assert [row.split("|")[1].strip() for row in rows] == ["fp", "p=8+warmup"]
     cells = [[float(cell) for cell in row.split("|")[2:6]] for row in rows]  # mean, std, worst seed, seeds
     assert all(seeds == 2 and std >= 0 and worst <= mean for mean, std, worst, seeds in cells)
-    for bad in ("x", "4+distill"):
-        refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "quality_fashion_mnist.py"), "--variants",
-                                  f"fp,{bad}"], capture_output=True, text=True, timeout=120)
-        assert refused.returncode != 0 and f"variant {bad!r}" in refused.stderr
+    for args, message in ((["--variants", "fp,x"], "variant 'x'"),
+                          (["--variants", "fp,4+distill"], "variant '4+distill'"),
+                          (["--variants", "fp,4", "--lr", "1e-3,8=3e-3"], "--lr sets a rate for 8"),
+                          (["--lr", "1e-3,4=-1"], "--lr item '4=-1'")):
+        refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "quality_fashion_mnist.py"), *args],
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and message in refused.stderr, (args, refused.stderr[-500:])
 
 
 def test_quality_lm_quick(tmp_path: Path, smollm2_dir: Path) -> None:
