@@ -31,6 +31,18 @@ AlphaParam = Literal["latent", "tensor", "scalars"]
 ALPHA_PARAMS: tuple[str, ...] = ("latent", "tensor", "scalars")
 
 
+def alpha_sources(weight: torch.Tensor, alpha_param: AlphaParam) -> dict[str, torch.Tensor]:
+    """The alpha state ``alpha_param`` keeps beside a latent weight ``(p, out/p, ...)``, initialised from it:
+    ``{"alpha_weight": copy of weight}`` ("tensor"), ``{"alpha": the p mean |W_i|}`` ("scalars") or ``{}``
+    ("latent", the alphas come from the weight itself). The layers and the quantize-on-load op share it."""
+    weight = weight.detach()
+    if alpha_param == "tensor":
+        return {"alpha_weight": weight.clone()}
+    if alpha_param == "scalars":
+        return {"alpha": tiling.alpha(weight, weight.shape[0]).clone()}
+    return {}
+
+
 class LayerOptions(TypedDict, total=False):
     """The keyword options every TBN layer takes besides its shape and ``compression_factor``."""
 
@@ -146,13 +158,12 @@ class TBNLayer(nn.Module):
 
     # -- state of each form ------------------------------------------------------------
     def _set_latent_state(self, weight: torch.Tensor, alpha: torch.Tensor | None = None) -> None:
-        """``weight`` ``(p, out/p, ...)`` and the alpha source ``alpha_param`` asks for, initialised from ``weight``."""
+        """``weight`` ``(p, out/p, ...)`` and the alpha source ``alpha_param`` asks for, initialised from ``weight``
+        (the ``p`` scalars from ``alpha`` when given: packed -> latent keeps the packed alphas)."""
         self.weight = nn.Parameter(weight)
-        if self.alpha_param == "tensor":
-            self.alpha_weight = nn.Parameter(weight.detach().clone())
-        elif self.alpha_param == "scalars":
-            start = alpha if alpha is not None else tiling.alpha(weight.detach(), self.compression_factor)
-            self.alpha = nn.Parameter(start.detach().clone().to(weight.dtype))
+        for key, value in alpha_sources(weight, self.alpha_param).items():
+            start = alpha.detach().clone().to(weight.dtype) if key == "alpha" and alpha is not None else value
+            setattr(self, key, nn.Parameter(start))
 
     def _set_packed_state(self, tile: torch.Tensor, alpha: torch.Tensor) -> None:
         self.register_buffer("tile", tile)

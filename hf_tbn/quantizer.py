@@ -33,6 +33,7 @@ from .checkpoint import FORMAT_VERSION, NEEDS_HF_TBN, checkpoint_forms, checkpoi
 from .config import QUANT_METHOD, TBNConfig
 from .convert import convert_model, plan_conversion, relative_name, set_backend, set_form, tbn_layers
 from .embeddings import compress_dense_modules, decompress_dense_modules, init_compressed_modules
+from .layers import alpha_sources
 from .version import version
 
 if TYPE_CHECKING:
@@ -44,7 +45,8 @@ PATCH_PROJECTIONS = ("patch_embeddings.projection", "patch_embedding")
 
 
 class TiledViewOnLoad(ConversionOps):
-    """Quantize-on-load op: a dense checkpoint weight -> the latent ``(p, out/p, ...)`` view of its TBN layer."""
+    """Quantize-on-load op: a dense checkpoint weight -> the latent ``(p, out/p, ...)`` view of its TBN layer, plus
+    the alpha state its ``alpha_param`` keeps, initialised from that weight (the checkpoint has none)."""
 
     def __init__(self, quantizer: TBNHfQuantizer) -> None:
         self.quantizer = quantizer
@@ -58,7 +60,9 @@ class TiledViewOnLoad(ConversionOps):
         name = key.removesuffix(".weight")
         if name in self.quantizer._conv1d:
             tensor = tensor.t()  # Conv1D stores (in, out)
-        return {key: tensor.reshape(self.quantizer._latent_shapes[name]).contiguous()}
+        latent = tensor.reshape(self.quantizer._latent_shapes[name]).contiguous()
+        alpha_param = self.quantizer.quantization_config.alpha_param
+        return {key: latent, **{f"{name}.{k}": v for k, v in alpha_sources(latent, alpha_param).items()}}
 
 
 class TBNHfQuantizer(HfQuantizer):

@@ -61,7 +61,7 @@ def main() -> None:
     budget = {"epochs": 0.05 if args.quick else args.epochs, "batch_size": 16,
               "max_length": 32 if args.quick else args.max_length, "lr": args.lr,
               "scheduler": "linear, 10% warm-up", "seeds": seeds, "test_fraction": 0.2,
-              "warmup": args.warmup, "int4 embedding group": args.embedding_group_size,
+              "warmup": args.warmup, "alpha_param": args.alpha_param, "int4 embedding group": args.embedding_group_size,
               "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None}
     if args.validation:
         budget["validation_fraction_of_train"] = VALIDATION_FRACTION
@@ -84,7 +84,8 @@ def main() -> None:
         teacher = None
         for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
             torch.manual_seed(seed)  # the same classification head for every variant
-            extra = {} if p is None else {"quantization_config": TBNConfig(compression_factor=p)}
+            tbn = TBNConfig(compression_factor=p, alpha_param=args.alpha_param) if p is not None else None
+            extra = {} if tbn is None else {"quantization_config": tbn}
             model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **label_config(names), **extra)
             targs = TrainingArguments(
                 output_dir=trainer_output_dir(), num_train_epochs=budget["epochs"],

@@ -24,12 +24,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from results import Row, Task, measure, over_seeds, parse_variant, publish, quality_parser, seeds_of
+from results import (
+    Row,
+    Task,
+    add_alpha_option,
+    measure,
+    over_seeds,
+    parse_variant,
+    publish,
+    quality_parser,
+    seeds_of,
+)
 from torch import nn
 
 from hf_tbn import TBNConfig, convert_model, pack_model
 from hf_tbn.demos.fashion_mnist import load_fashion_mnist, predict, resnet, train
-from hf_tbn.layers import ALPHA_PARAMS
 from hf_tbn.warmup import DEFAULT_WARMUP
 
 VARIANTS = "fp,1,2,4,8,16"
@@ -147,7 +156,7 @@ def main() -> None:
     parser.add_argument("--variants", type=variant_list, default=variant_list(VARIANTS),
                         help=f"comma-separated fp, P or P+warmup (default {VARIANTS})")
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")
-    parser.add_argument("--alpha-param", choices=ALPHA_PARAMS, default="latent", help="TBNConfig.alpha_param")
+    add_alpha_option(parser)
     parser.add_argument("--validation", action="store_true",
                         help=f"train without the last {VALIDATION_IMAGES} training images and score on them")
     parser.add_argument("--mlp-epochs", type=int, default=20)

@@ -95,12 +95,20 @@ def seeds_of(args: argparse.Namespace) -> list[int]:
     return args.seeds or [args.seed]
 
 
+def add_alpha_option(parser: argparse.ArgumentParser) -> None:
+    """``--alpha-param``: the TBNConfig.alpha_param of every TBN variant."""
+    from hf_tbn.layers import ALPHA_PARAMS
+
+    parser.add_argument("--alpha-param", choices=ALPHA_PARAMS, default="latent", help="TBNConfig.alpha_param")
+
+
 def add_variant_options(parser: argparse.ArgumentParser, default: str) -> None:
     """The options of the Trainer-based scripts: ``--variants`` (see :func:`parse_variant`), ``--validation``,
-    the warm-up fraction and the distillation weights."""
+    the warm-up fraction, the distillation weights and ``--alpha-param``."""
     from hf_tbn.distill import NUMBER_FIELDS, DistillConfig
     from hf_tbn.qat import DEFAULT_WARMUP
 
+    add_alpha_option(parser)
     parser.add_argument("--variants", help=f"comma-separated (default {default})")
     parser.add_argument("--validation", action="store_true", help="score on a validation split of the training data")
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")

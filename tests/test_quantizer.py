@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AutoQuantizationConfig
 
 import hf_tbn
-from hf_tbn import TBNConfig, TBNHfQuantizer, pack_model, tbn_layers
+from hf_tbn import TBNConfig, TBNHfQuantizer, pack_model, tbn_layers, tiling
 from hf_tbn.quantizer import register
 
 LAYER = "transformer.h.0.mlp.c_fc"  # Conv1D 32 -> 128: weight (128, 32), p = 4, tile 1024 bits = 128 bytes
@@ -132,3 +132,26 @@ def test_packed_checkpoint_loads_back_in_latent_form(folders: dict[str, Path], t
         assert b.form == "latent" and torch.equal(a.tile, copy.deepcopy(b).pack().tile), name
     latent.save_pretrained(tmp_path / "latent")
     assert GPT2LMHeadModel.from_pretrained(tmp_path / "latent").config.quantization_config.form == "latent"
+
+
+@pytest.mark.parametrize("alpha_param", ["tensor", "scalars"])
+def test_quantize_on_load_starts_the_alpha_source_from_the_checkpoint(folders: dict[str, Path], tmp_path: Path,
+                                                                      alpha_param: str) -> None:
+    """A dense checkpoint has no alpha state: the quantize-on-load op derives it from each pretrained weight, so the
+    model computes what the default ``alpha_param`` does and nothing is reported missing; a latent save keeps it."""
+    config = TBNConfig(min_compress_size=0, alpha_param=alpha_param)
+    model, info = GPT2LMHeadModel.from_pretrained(folders["fp"], quantization_config=config, output_loading_info=True)
+    assert not info["missing_keys"], info["missing_keys"]
+    plain = GPT2LMHeadModel.from_pretrained(folders["fp"], quantization_config=TBNConfig(min_compress_size=0))
+    layer, default = model.get_submodule(LAYER), plain.get_submodule(LAYER)
+    source = layer.alpha_weight if alpha_param == "tensor" else layer.alpha
+    expected = layer.weight if alpha_param == "tensor" else tiling.alpha(layer.weight, 4)
+    assert source.requires_grad and torch.equal(source, expected)
+    assert torch.equal(layer.effective_weight(), default.effective_weight())
+    ids = torch.arange(12).view(2, 6)
+    assert torch.equal(model(ids).logits, plain(ids).logits)
+    with torch.no_grad():
+        source.mul_(1.5)  # no longer derivable from the weight: the reload must read it
+    model.save_pretrained(tmp_path / "latent")
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "latent").get_submodule(LAYER)
+    assert torch.equal(getattr(again, "alpha_weight" if alpha_param == "tensor" else "alpha"), source)
