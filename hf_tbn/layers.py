@@ -39,7 +39,7 @@ def alpha_sources(weight: torch.Tensor, alpha_param: AlphaParam) -> dict[str, to
     if alpha_param == "tensor":
         return {"alpha_weight": weight.clone()}
     if alpha_param == "scalars":
-        return {"alpha": tiling.alpha(weight, weight.shape[0]).clone()}
+        return {"alpha": tiling.alpha(weight, weight.shape[0])}
     return {}
 
 
