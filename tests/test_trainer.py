@@ -1,4 +1,5 @@
-"""Trainer fine-tunes the latent form (QAT); a resumed run ends bit-identical to an uninterrupted one."""
+"""Trainer fine-tunes the latent form (QAT); a resumed run ends bit-identical to an uninterrupted one, with each
+alpha parametrization's own state."""
 
 from __future__ import annotations
 
@@ -11,17 +12,21 @@ from tiny import Tokens
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model, tbn_layers, to_latent_model
+from hf_tbn.layers import ALPHA_PARAMS
 
 STEPS = 8
 
 
 @pytest.fixture
-def tbn_folder(tmp_path: Path) -> Path:
+def tbn_folder(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A latent TBN Llama quantized on load from a random dense one (``alpha_param``: the indirect parameter)."""
+    alpha_param = getattr(request, "param", "latent")
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp")
-    model = LlamaForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=TBNConfig(min_compress_size=0))
+    config = TBNConfig(min_compress_size=0, alpha_param=alpha_param)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config)
     model.save_pretrained(tmp_path / "tbn")
     return tmp_path / "tbn"
 
@@ -45,6 +50,7 @@ def latent_state(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("tbn_folder", ALPHA_PARAMS, indirect=True)
 def test_qat_lowers_loss_and_resume_is_bit_identical(tbn_folder: Path, tmp_path: Path) -> None:
     data = Tokens(64, 12, 64)
     model = LlamaForCausalLM.from_pretrained(tbn_folder)
@@ -56,8 +62,10 @@ def test_qat_lowers_loss_and_resume_is_bit_identical(tbn_folder: Path, tmp_path:
     assert all(layer.form == "latent" and layer.weight.requires_grad for _, layer in tbn_layers(model))
 
     checkpoint = tmp_path / "full" / f"checkpoint-{STEPS // 2}"
+    layer = "model.layers.0.mlp.up_proj"
+    alpha_keys = {f"{layer}.{key}" for key in model.get_submodule(layer)._state_keys()} - {f"{layer}.weight"}
     with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:  # a Trainer checkpoint is the latent form
-        assert "model.layers.0.mlp.up_proj.weight" in f.keys() and "model.layers.0.mlp.up_proj.tile" not in f.keys()
+        assert f"{layer}.weight" in f.keys() and f"{layer}.tile" not in f.keys() and alpha_keys <= set(f.keys())
 
     resumed_model = LlamaForCausalLM.from_pretrained(tbn_folder)
     resumed = trainer(resumed_model, tmp_path / "full")
