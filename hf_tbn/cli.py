@@ -42,6 +42,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-compress-size", type=int, help="layers with fewer weights get p=1 (default 64000)")
     p.add_argument("--exclude", action="append", help="module-name pattern kept full precision (repeatable)")
     p.add_argument("--alpha-mode", choices=("per_tile", "per_layer"), help="scales per tile copy (default) or one")
+    p.add_argument("--alpha-param", choices=("latent", "tensor", "scalars"),
+                   help="what the latent form learns the scales through (TBNConfig.alpha_param, default latent)")
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from transformers import (
     pipeline,
 )
 
-from hf_tbn import tbn_layers
+from hf_tbn import tbn_layers, tiling
 from hf_tbn.cli import main
 from hf_tbn.version import version
 from hf_tbn.warmup import DEFAULT_WARMUP, QuantizationWarmup
@@ -108,6 +108,21 @@ def test_quantize_of_a_tbn_folder_keeps_its_plan(fp_folder: Path, tmp_path: Path
     assert "compression_factor=4" in error_line(capsys) and not (tmp_path / "p8").exists()
     assert main(["quantize", str(latent), str(tmp_path / "same"), "--p", "4"]) == 0  # same p: packs
     assert forms(tmp_path / "same") == {("packed", 4)}
+
+
+def test_alpha_param_option_reaches_the_config(fp_folder: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--alpha-param: the latent folder holds the scalars, started from the dense weights; a TBN folder keeps
+    its own."""
+    latent = tmp_path / "latent"
+    assert main(["quantize", str(fp_folder), str(latent), "--form", "latent", "--min-compress-size", "0",
+                 "--alpha-param", "scalars"]) == 0
+    layers = [layer for _, layer in tbn_layers(AutoModelForSequenceClassification.from_pretrained(latent))]
+    assert layers and all(layer.alpha_param == "scalars" for layer in layers)
+    assert all(torch.equal(layer.alpha, tiling.alpha(layer.weight, layer.compression_factor)) for layer in layers)
+    capsys.readouterr()
+    assert main(["quantize", str(latent), str(tmp_path / "other"), "--alpha-param", "tensor"]) == 2
+    assert "alpha_param='scalars'" in error_line(capsys) and not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize(
