@@ -4,7 +4,8 @@ Format (``hf_tbn_format`` "2" in the safetensors metadata; docs/huggingface.md).
 layer ``X``, besides ``X.bias``:
 
 - packed: ``X.weight`` holds the tile bits (uint8, ``(ceil(N/p/8),)``) and ``X.alpha`` the ``p`` alphas;
-- latent: ``X.weight`` holds the latent weight as its tiled view ``(p, out/p, in, ...)``, plus
+- latent: ``X.weight`` holds the latent weight as its ``p`` copies ``(p, *tile_shape)`` (``(p, out/p, in, ...)``, or
+  ``(p, out, in/p, ...)`` for ``tile_layout`` "input", recorded in config.json), plus
   ``X.alpha_weight`` (same shape) or ``X.alpha`` (``(p,)``) for ``alpha_param`` "tensor" / "scalars".
 
 Both ``X.weight`` shapes have a different number of dimensions than any dense Linear / Conv
@@ -29,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from . import tiling
 from .config import TBNConfig
 from .convert import logical_weight, relative_name, tbn_layers
 from .tiling import check_alpha_finite, packed_nbytes
@@ -114,7 +116,7 @@ def checkpoint_forms(
     for name, p in plan.items():
         module = model.get_submodule(name)
         shape = tuple(logical_weight(module).shape)
-        latent_shape = (p, shape[0] // p, *shape[1:])
+        latent_shape = (p, *tiling.tile_shape(shape, p, config.tile_layout))
         check = _Checker(name, shape, p, header)
         if not pre_quantized:
             if f"{name}.alpha" in header or f"{name}.alpha_weight" in header:
@@ -130,7 +132,7 @@ def checkpoint_forms(
             check("alpha", (p,), FLOATS)
             alpha_keys.add(f"{name}.alpha")
         else:
-            check("weight", latent_shape, FLOATS, "the latent weight, (p, out/p, ...)")
+            check("weight", latent_shape, FLOATS, "the latent weight, (p, *tile_shape)")
             if config.alpha_param == "tensor":
                 check("alpha_weight", latent_shape, FLOATS)
             elif config.alpha_param == "scalars":

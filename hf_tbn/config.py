@@ -9,7 +9,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .embeddings import DEFAULT_GROUP_SIZE, check_embedding_options
 from .kernels.backends import BACKEND_NAMES
 from .layers import ALPHA_PARAMS, FORMS
-from .tiling import ALPHA_MODES
+from .tiling import ALPHA_MODES, TILE_LAYOUTS
 
 QUANT_METHOD = "tbn"
 
@@ -29,6 +29,11 @@ class TBNConfig(QuantizationConfigMixin):
         alpha_param: where the latent form's alphas come from: ``"latent"`` (mean |W_i| of the
             latent weight), ``"tensor"`` (mean |A_i| of a separate trainable tensor, the authors'
             default) or ``"scalars"`` (p trainable alphas). Packed checkpoints are the same for all.
+        tile_layout: along which dimension the ``p`` copies of the tile lie: ``"output"`` (blocks of
+            output rows, the paper's) or ``"input"`` (blocks of input columns or channels; better
+            for convolutions followed by BatchNorm, which divides the output layout's scales out,
+            docs/quality.md). Both do 1/p of the multiply-adds; the input layout does not tile
+            grouped convolutions and the microcontroller exporter takes the output layout only.
         form: ``"latent"`` (trainable latent weights) or ``"packed"`` (tile bits + alphas).
         backend: packed-forward compute: ``"auto"`` (Triton on CUDA, the compiled CPU kernel on
             CPU), ``"torch"``, ``"native"`` (the compiled CPU kernel) or ``"triton"``. A runtime
@@ -55,6 +60,7 @@ class TBNConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         alpha_mode: str = "per_tile",
         alpha_param: str = "latent",
+        tile_layout: str = "output",
         form: str = "latent",
         backend: str = "auto",
         embedding_format: str | None = None,
@@ -79,6 +85,7 @@ class TBNConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.alpha_mode = alpha_mode
         self.alpha_param = alpha_param
+        self.tile_layout = tile_layout
         self.form = form
         self.backend = backend
         self.embedding_format = embedding_format
@@ -102,6 +109,7 @@ class TBNConfig(QuantizationConfigMixin):
         for field, value, allowed in (
             ("alpha_mode", self.alpha_mode, ALPHA_MODES),
             ("alpha_param", self.alpha_param, ALPHA_PARAMS),
+            ("tile_layout", self.tile_layout, TILE_LAYOUTS),
             ("form", self.form, FORMS),
             ("backend", self.backend, BACKEND_NAMES),
         ):
@@ -127,6 +135,7 @@ class TBNConfig(QuantizationConfigMixin):
             "modules_to_not_convert": self.modules_to_not_convert,
             "alpha_mode": self.alpha_mode,
             "alpha_param": self.alpha_param,
+            "tile_layout": self.tile_layout,
             "form": self.form,
             "embedding_format": self.embedding_format,
             "embedding_group_size": self.embedding_group_size,

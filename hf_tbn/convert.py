@@ -81,7 +81,7 @@ def plan_conversion(module: nn.Module, config: TBNConfig, keep_dense: Collection
     """
     candidates = {name: m for name, m in module.named_modules() if name and isinstance(m, CONVERTIBLE)}
     if config.converted_layers is not None:
-        return _saved_plan(module, config.converted_layers, candidates)
+        return _saved_plan(module, config.converted_layers, candidates, config.tile_layout)
     unused = {("modules_to_not_convert", pat) for pat in config.modules_to_not_convert or ()}
     unused |= {("layer_compression_factors", pat) for pat in config.layer_compression_factors}
     head = output_layer(module, candidates)
@@ -93,11 +93,11 @@ def plan_conversion(module: nn.Module, config: TBNConfig, keep_dense: Collection
         unused -= {("layer_compression_factors", pat) for pat in overrides}
         if skipped or any(name_matches(name, key) for key in keep_dense):
             continue
-        out, numel = logical_weight(m).shape[0], m.weight.numel()
+        shape, groups, layout = tuple(logical_weight(m).shape), _groups(m), config.tile_layout
         if len(set(overrides.values())) > 1:
             raise ValueError(f"{name}: layer_compression_factors patterns {sorted(overrides)} give different factors")
         if overrides:
-            plan[name] = check_factor(next(iter(overrides.values())), out, name, _groups(m))
+            plan[name] = check_factor(next(iter(overrides.values())), shape, name, groups, layout)
             if name == head and plan[name] > 1:
                 warnings.warn(
                     f"{name}: the output layer tiled with p={plan[name]} makes its outputs {plan[name]} scaled copies "
@@ -107,15 +107,17 @@ def plan_conversion(module: nn.Module, config: TBNConfig, keep_dense: Collection
         elif name == head:
             plan[name] = 1
         else:
-            p = tiling.resolve_factor(out, numel, config.compression_factor, config.min_compress_size, _groups(m))
-            plan[name] = p
+            p = config.compression_factor
+            plan[name] = tiling.resolve_factor(shape, p, config.min_compress_size, groups, layout)
     if unused:
         field, pat = min(unused)
         raise ValueError(f"{field} pattern {pat!r} matches no convertible layer (Linear, Conv1D, Conv1d, Conv2d)")
     return plan
 
 
-def _saved_plan(module: nn.Module, saved: dict[str, int], candidates: dict[str, nn.Module]) -> dict[str, int]:
+def _saved_plan(
+    module: nn.Module, saved: dict[str, int], candidates: dict[str, nn.Module], layout: tiling.TileLayout
+) -> dict[str, int]:
     base_only = getattr(module, "base_model", module) is module and bool(getattr(module, "base_model_prefix", ""))
     plan: dict[str, int] = {}
     for rel, p in saved.items():
@@ -124,19 +126,22 @@ def _saved_plan(module: nn.Module, saved: dict[str, int], candidates: dict[str, 
             continue  # a layer of the task head this base model does not have (transformers skips its keys too)
         if name not in candidates:
             raise ValueError(f"converted_layers names {rel!r}: not a Linear/Conv1D/Conv1d/Conv2d of this model")
-        plan[name] = check_factor(p, logical_weight(candidates[name]).shape[0], name, _groups(candidates[name]))
+        m = candidates[name]
+        plan[name] = check_factor(p, tuple(logical_weight(m).shape), name, _groups(m), layout)
     return plan
 
 
 def tbn_from_dense(
-    module: nn.Module, p: int, alpha_mode: tiling.AlphaMode, name: str, alpha_param: AlphaParam = "latent"
+    module: nn.Module, p: int, alpha_mode: tiling.AlphaMode, name: str, alpha_param: AlphaParam = "latent",
+    tile_layout: tiling.TileLayout = "output",
 ) -> TBNLayer:
     """A latent TBN layer initialised from a dense Linear / Conv1D / Conv1d / Conv2d (alphas from its weight)."""
     weight = logical_weight(module)
     check_weight(weight, name)
     kwargs = {
         "bias": module.bias is not None, "compression_factor": p, "alpha_mode": alpha_mode,
-        "device": weight.device, "dtype": weight.dtype, "name": name, "alpha_param": alpha_param,
+        "alpha_param": alpha_param, "tile_layout": tile_layout, "device": weight.device, "dtype": weight.dtype,
+        "name": name,
     }
     if isinstance(module, (nn.Linear, Conv1D)):
         layer: TBNLayer = TBNLinear(weight.shape[1], weight.shape[0], **kwargs)
@@ -150,7 +155,7 @@ def tbn_from_dense(
         )
     if weight.device.type != "meta":
         with torch.no_grad():
-            layer._set_latent_state(weight.detach().reshape(layer.latent_shape).clone())
+            layer._set_latent_state(tiling.to_copies(weight.detach(), p, tile_layout).contiguous().clone())
             if module.bias is not None:
                 layer.bias.copy_(module.bias)
     for param in (layer.weight, getattr(layer, "alpha_weight", None)):
@@ -174,7 +179,9 @@ def convert_model(module: nn.Module, config: TBNConfig | None = None) -> nn.Modu
         if id(module.get_submodule(name).weight) in shared:
             raise ValueError(f"{name}: weight is shared with another module (tied); add it to modules_to_not_convert")
     for name, p in plan.items():
-        layer = tbn_from_dense(module.get_submodule(name), p, config.alpha_mode, name, config.alpha_param)
+        layer = tbn_from_dense(
+            module.get_submodule(name), p, config.alpha_mode, name, config.alpha_param, config.tile_layout
+        )
         layer.backend = config.backend
         module.set_submodule(name, layer)
     config.converted_layers = {relative_name(module, name): p for name, p in plan.items()}

@@ -1,13 +1,16 @@
 """TBN layers (Linear, Conv1d, Conv2d), each in the latent or the packed form (docs/foundation.md).
 
-Latent form: a trainable full-precision ``weight`` held as the tiled view ``(p, out/p, in, ...)``
-(copy ``i`` is the block of output rows ``[i * out/p, (i + 1) * out/p)``); the tile and the
-alphas are derived from it on every training forward (quantization-aware training). Where the
-alphas come from is ``alpha_param``: the latent weight itself, a separate trainable tensor of
-the same shape (the authors' default), or ``p`` trainable scalars.
+Latent form: a trainable full-precision ``weight`` held as its ``p`` copies ``(p, *tile_shape)``:
+``(p, out/p, in, ...)`` for the paper's output layout (copy ``i`` is the block of output rows
+``[i * out/p, (i + 1) * out/p)``), ``(p, out, in/p, ...)`` for the input layout (blocks of input
+columns or channels; :mod:`hf_tbn.tiling`, ``tile_layout``). The tile and the alphas are derived
+from it on every training forward (quantization-aware training). Where the alphas come from is
+``alpha_param``: the latent weight itself, a separate trainable tensor of the same shape (the
+authors' default), or ``p`` trainable scalars.
 Packed form: buffers ``tile`` (uint8 bits, :mod:`hf_tbn.tiling` bit order) and ``alpha`` (``p``
-scales) plus the ``bias``; the forward applies the ``out/p``-row tile once and writes ``p``
-scaled copies (:mod:`hf_tbn.kernels.backends`), never building the dense weight.
+scales) plus the ``bias``; the forward applies the tile once (:mod:`hf_tbn.kernels.backends`), never
+building the dense weight: the output layout writes ``p`` scaled copies of its ``out/p`` outputs,
+the input layout first sums the ``p`` input blocks with their alphas.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ ALPHA_PARAMS: tuple[str, ...] = ("latent", "tensor", "scalars")
 
 
 def alpha_sources(weight: torch.Tensor, alpha_param: AlphaParam) -> dict[str, torch.Tensor]:
-    """The alpha state ``alpha_param`` keeps beside a latent weight ``(p, out/p, ...)``, initialised from it:
+    """The alpha state ``alpha_param`` keeps beside a latent weight ``(p, *tile_shape)``, initialised from it:
     ``{"alpha_weight": copy of weight}`` ("tensor"), ``{"alpha": the p mean |W_i|}`` ("scalars") or ``{}``
     ("latent", the alphas come from the weight itself). The layers and the quantize-on-load op share it."""
     weight = weight.detach()
@@ -48,20 +51,28 @@ class LayerOptions(TypedDict, total=False):
 
     alpha_mode: tiling.AlphaMode
     alpha_param: AlphaParam
+    tile_layout: tiling.TileLayout
     form: Form
     device: torch.device | str | None
     dtype: torch.dtype | None
     name: str | None
 
 
-def check_factor(p: object, out_features: int, name: str, groups: int = 1) -> int:
-    """Validate a layer's compression factor; errors name the layer and the value."""
+def check_factor(
+    p: object, weight_shape: tuple[int, ...], name: str, groups: int = 1, layout: tiling.TileLayout = "output"
+) -> int:
+    """Validate a layer's compression factor for its logical weight shape; errors name the layer and the value."""
     if isinstance(p, bool) or not isinstance(p, int) or p <= 0:
         raise ValueError(f"{name}: compression_factor must be a positive int, got {p!r}")
-    if out_features % p:
+    if layout == "input" and groups > 1 and p > 1:
+        raise ValueError(f"{name}: tile_layout='input' does not tile grouped convolutions (groups {groups}); "
+                         "use p=1 or tile_layout='output'")
+    width = tiling.split_width(weight_shape, layout)
+    if width % p:
+        block = "output rows" if layout == "output" else "input columns (channels)"
         raise ValueError(
-            f"{name}: compression_factor {p} does not divide the output dimension {out_features}; "
-            "each tile copy must be a block of whole output rows"
+            f"{name}: compression_factor {p} does not divide the {layout} dimension {width} of weight "
+            f"{tuple(weight_shape)}; each tile copy must be a block of whole {block} (tile_layout={layout!r})"
         )
     if groups > 1 and p % groups and groups % p:
         raise ValueError(f"{name}: compression_factor {p} and groups {groups} must divide one another")
@@ -88,6 +99,7 @@ class TBNLayer(nn.Module):
         *,
         alpha_mode: tiling.AlphaMode = "per_tile",
         alpha_param: AlphaParam = "latent",
+        tile_layout: tiling.TileLayout = "output",
         form: Form = "latent",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -97,7 +109,7 @@ class TBNLayer(nn.Module):
         self.layer_name = name or type(self).__name__
         for field, value, allowed in (
             ("alpha_mode", alpha_mode, tiling.ALPHA_MODES), ("form", form, FORMS),
-            ("alpha_param", alpha_param, ALPHA_PARAMS),
+            ("alpha_param", alpha_param, ALPHA_PARAMS), ("tile_layout", tile_layout, tiling.TILE_LAYOUTS),
         ):
             if value not in allowed:
                 raise ValueError(f"{self.layer_name}: {field} must be one of {allowed}, got {value!r}")
@@ -107,7 +119,8 @@ class TBNLayer(nn.Module):
             )
         self.weight_shape = torch.Size(weight_shape)
         self.input_width = weight_shape[1] * groups  # input features (linear) or channels (conv)
-        self.compression_factor = check_factor(compression_factor, weight_shape[0], self.layer_name, groups)
+        self.tile_layout = tile_layout
+        self.compression_factor = check_factor(compression_factor, weight_shape, self.layer_name, groups, tile_layout)
         self.alpha_mode = alpha_mode
         self.alpha_param = alpha_param
         self.backend = "auto"
@@ -138,12 +151,12 @@ class TBNLayer(nn.Module):
 
     @property
     def tile_shape(self) -> torch.Size:
-        """The tile as a weight of ``out/p`` output rows."""
-        return torch.Size((self.weight_shape[0] // self.compression_factor, *self.weight_shape[1:]))
+        """The tile as a weight: ``(out/p, in, ...)`` or, in the input layout, ``(out, in/p, ...)``."""
+        return tiling.tile_shape(self.weight_shape, self.compression_factor, self.tile_layout)
 
     @property
     def latent_shape(self) -> torch.Size:
-        """Shape of the latent weight: the ``p`` copies of the tile's shape, ``(p, out/p, in, ...)``."""
+        """Shape of the latent weight: the ``p`` copies of the tile's shape, ``(p, *tile_shape)``."""
         return torch.Size((self.compression_factor, *self.tile_shape))
 
     @property
@@ -158,7 +171,7 @@ class TBNLayer(nn.Module):
 
     # -- state of each form ------------------------------------------------------------
     def _set_latent_state(self, weight: torch.Tensor, alpha: torch.Tensor | None = None) -> None:
-        """``weight`` ``(p, out/p, ...)`` and the alpha source ``alpha_param`` asks for, initialised from ``weight``
+        """``weight`` ``(p, *tile_shape)`` and the alpha source ``alpha_param`` asks for, initialised from ``weight``
         (the ``p`` scalars from ``alpha`` when given: packed -> latent keeps the packed alphas)."""
         self.weight = nn.Parameter(weight)
         for key, value in alpha_sources(weight, self.alpha_param).items():
@@ -216,8 +229,9 @@ class TBNLayer(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         """Dense ``W_hat`` in the logical ``(out, in, ...)`` orientation; differentiable in the latent form."""
         if self.form == "latent":
-            return tiling.tiled_weight(self.weight, self.compression_factor, self._alpha()).view(self.weight_shape)
-        return tiling.dequantize(self.tile_values(self.alpha.dtype), self.alpha, self.weight_shape)
+            return tiling.from_copies(tiling.tiled_weight(self.weight, self.compression_factor, self._alpha()),
+                                      self.tile_layout)
+        return tiling.dequantize(self.tile_values(self.alpha.dtype), self.alpha, self.weight_shape, self.tile_layout)
 
     def _latent_w_hat(self) -> torch.Tensor:
         """The latent forward's weight, ``W_hat`` blended with ``W`` while ``blend < 1`` (:attr:`blend`);
@@ -235,7 +249,7 @@ class TBNLayer(nn.Module):
         w_hat = self.effective_weight()
         if self.blend >= 1:
             return w_hat
-        return self.blend * w_hat + (1 - self.blend) * self.weight.reshape(self.weight_shape)
+        return self.blend * w_hat + (1 - self.blend) * tiling.from_copies(self.weight, self.tile_layout)
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -278,7 +292,7 @@ class TBNLayer(nn.Module):
         """Packed -> latent, in place: ``W = W_hat``, which reproduces the same tile and alphas."""
         if self.form == "latent":
             return self
-        weight = self.effective_weight().clone().view(self.latent_shape)
+        weight = tiling.to_copies(self.effective_weight(), self.compression_factor, self.tile_layout).contiguous()
         alpha = self.alpha.clone()
         del self.tile, self.alpha
         self.form = "latent"
@@ -346,7 +360,8 @@ class TBNLayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"weight_shape={tuple(self.weight_shape)}, p={self.compression_factor}, alpha_mode={self.alpha_mode}, "
-            f"alpha_param={self.alpha_param}, form={self.form}, bias={self.bias is not None}"
+            f"alpha_param={self.alpha_param}, tile_layout={self.tile_layout}, form={self.form}, "
+            f"bias={self.bias is not None}"
         )
 
 
@@ -369,9 +384,12 @@ class TBNLinear(TBNLayer):
         return F.linear(x, weight, bias)
 
     def _apply_tile(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.out_features // self.compression_factor
         buffers = self._buffers  # not self.tile: Module.__getattr__ costs about 1 us per decoding call
-        return backends.linear(x, buffers["tile"], buffers["alpha"], self.bias, rows, self.backend, self.layer_name)
+        tile, alpha = buffers["tile"], buffers["alpha"]
+        if self.tile_layout == "input":  # x (..., in) -> (..., in/p); the tile is then one (out, in/p) weight
+            x, alpha = tiling.combined_inputs(x, alpha), alpha.new_ones(1)
+        rows = self.tile_shape[0]
+        return backends.linear(x, tile, alpha, self.bias, rows, self.backend, self.layer_name)
 
     def dense_module(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W_hat`` (dequantization)."""
@@ -413,12 +431,19 @@ class _TBNConvNd(TBNLayer):
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.geometry = ConvGeometry(shape, self.stride, self.padding, self.dilation, groups)
         super().__init__(shape, bias, compression_factor, groups, **options)
+        # what the packed forward convolves: the input layout's tile is one (out, in/p, k...) weight
+        self.tile_geometry = self.geometry if self.tile_layout == "output" else ConvGeometry(
+            tuple(self.tile_shape), self.stride, self.padding, self.dilation, groups
+        )
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.geometry.conv(x, weight, bias, self.groups)
 
     def _apply_tile(self, x: torch.Tensor) -> torch.Tensor:
-        return backends.conv(x, self.tile, self.alpha, self.bias, self.geometry, self.backend, self.layer_name)
+        tile, alpha = self.tile, self.alpha
+        if self.tile_layout == "input":  # x (n, in, ...) -> (n, in/p, ...)
+            x, alpha = tiling.combined_inputs(x, alpha, dim=-1 - len(self.kernel_size)), alpha.new_ones(1)
+        return backends.conv(x, tile, alpha, self.bias, self.tile_geometry, self.backend, self.layer_name)
 
     def dense_module(self) -> nn.Module:
         """A plain ``nn.ConvNd`` holding ``W_hat`` (dequantization)."""

@@ -2,7 +2,7 @@
 
 Loading with ``from_pretrained(..., quantization_config=TBNConfig(...))`` swaps the eligible
 layers for latent TBN layers on the meta device; the checkpoint's full-precision weights then
-load into them by key, reshaped into the latent ``(p, out/p, ...)`` view (and transposed for GPT-2
+load into them by key, reshaped into the latent ``(p, *tile_shape)`` copies (and transposed for GPT-2
 ``Conv1D``) by :class:`TiledViewOnLoad`. A saved TBN folder (latent or packed) reloads with a plain
 ``from_pretrained(dir)``: the saved ``converted_layers`` rebuild the same layers, each layer's
 form is read from the checkpoint, which is checked against the layers before any weight loads
@@ -29,6 +29,7 @@ from transformers.quantizers.auto import (
 )
 from transformers.quantizers.base import HfQuantizer
 
+from . import tiling
 from .checkpoint import FORMAT_VERSION, NEEDS_HF_TBN, checkpoint_forms, checkpoint_state_dict
 from .config import QUANT_METHOD, TBNConfig
 from .convert import convert_model, plan_conversion, relative_name, set_backend, set_form, tbn_layers
@@ -45,7 +46,7 @@ PATCH_PROJECTIONS = ("patch_embeddings.projection", "patch_embedding")
 
 
 class TiledViewOnLoad(ConversionOps):
-    """Quantize-on-load op: a dense checkpoint weight -> the latent ``(p, out/p, ...)`` view of its TBN layer, plus
+    """Quantize-on-load op: a dense checkpoint weight -> the latent ``(p, *tile_shape)`` copies of its TBN layer, plus
     the alpha state its ``alpha_param`` keeps, initialised from that weight (the checkpoint has none)."""
 
     def __init__(self, quantizer: TBNHfQuantizer) -> None:
@@ -60,8 +61,10 @@ class TiledViewOnLoad(ConversionOps):
         name = key.removesuffix(".weight")
         if name in self.quantizer._conv1d:
             tensor = tensor.t()  # Conv1D stores (in, out)
-        latent = tensor.reshape(self.quantizer._latent_shapes[name]).contiguous()
-        alpha_param = self.quantizer.quantization_config.alpha_param
+        config = self.quantizer.quantization_config
+        p = self.quantizer._factors[name]
+        latent = tiling.to_copies(tensor, p, config.tile_layout).contiguous()
+        alpha_param = config.alpha_param
         return {key: latent, **{f"{name}.{k}": v for k, v in alpha_sources(latent, alpha_param).items()}}
 
 
@@ -75,7 +78,7 @@ class TBNHfQuantizer(HfQuantizer):
         # A private copy: the resolved converted_layers must not leak into the caller's config object.
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self._conv1d: set[str] = set()  # converted layers that were GPT-2 Conv1D (dequantize restores them)
-        self._latent_shapes: dict[str, torch.Size] = {}  # layers quantized on load -> their latent shape
+        self._factors: dict[str, int] = {}  # layers quantized on load -> their p
         self._packed: list[str] = []  # packed layers being loaded, named relative to the base model
         self._model: weakref.ref | None = None  # the model this quantizer serves (for the training check)
 
@@ -101,7 +104,7 @@ class TBNHfQuantizer(HfQuantizer):
                 layer._hf_loading = True  # until the weights are in (see TBNLayer.__getattr__)
                 self._packed.append(relative_name(model, name))
             elif not self.pre_quantized:
-                self._latent_shapes[name] = layer.latent_shape
+                self._factors[name] = layer.compression_factor
 
     def _modules_to_keep_dense(self, model: PreTrainedModel) -> set[str]:
         """The model's fp32 modules, its tied weights, (transformers' rule) its output head, and the vision
@@ -136,7 +139,7 @@ class TBNHfQuantizer(HfQuantizer):
         return set_form(tag_model(model), self.quantization_config.form)
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
-        return not self.pre_quantized and param_name.removesuffix(".weight") in self._latent_shapes
+        return not self.pre_quantized and param_name.removesuffix(".weight") in self._factors
 
     def get_quantize_ops(self) -> ConversionOps:
         return TiledViewOnLoad(self)

@@ -5,9 +5,18 @@ the layers, the kernels' references and the microcontroller exporter.
 
 Conventions
 -----------
-A layer's weight is taken in its logical orientation ``(out, in[, k...])``, flattened
-row-major and viewed as ``(p, L)`` with ``L = numel / p``. Because ``p`` divides ``out``,
-row ``i`` of that view is the block of output rows ``[i * out/p, (i + 1) * out/p)``.
+A layer's weight is taken in its logical orientation ``(out, in[, k...])`` and split into ``p``
+copies of the tile's shape, ``(p, *tile_shape)``, viewed as ``(p, L)`` with ``L = numel / p``.
+The tile layout says along which dimension (:func:`to_copies`):
+
+- ``"output"`` (the paper's): copy ``i`` is the block of output rows ``[i * out/p, (i + 1) * out/p)``,
+  the tile an ``(out/p, in, k...)`` weight; ``p`` divides ``out``. Output block ``i`` is
+  ``alpha_i * (T x)`` (:func:`tiled_outputs`).
+- ``"input"``: copy ``i`` is the block of input columns (channels) ``[i * in/p, (i + 1) * in/p)``,
+  the tile an ``(out, in/p, k...)`` weight; ``p`` divides ``in``. The output is
+  ``T (sum_i alpha_i x_i)`` over the ``p`` input blocks ``x_i`` (:func:`combined_inputs`). A
+  normalization after the layer (BatchNorm) cannot divide these scales out, as it does the
+  output layout's (docs/quality.md).
 
 Bit order of a packed tile (part of the checkpoint format): element ``j`` of the tile is
 bit ``j % 8`` (least significant bit first) of byte ``j // 8``; a set bit is ``+1``, a clear
@@ -18,12 +27,15 @@ bit is ``-1``; the padding bits of the last byte are zero. A tile of length ``L`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
 AlphaMode = Literal["per_tile", "per_layer"]
 ALPHA_MODES: tuple[str, ...] = ("per_tile", "per_layer")
+TileLayout = Literal["output", "input"]
+TILE_LAYOUTS: tuple[str, ...] = ("output", "input")
 
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 _SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
@@ -32,6 +44,32 @@ _SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 def tile_length(numel: int, p: int) -> int:
     """Length ``L = numel / p`` of the tile of a weight with ``numel`` elements."""
     return numel // p
+
+
+def split_width(weight_shape: Sequence[int], layout: TileLayout) -> int:
+    """The dimension the copies split: ``out`` (``"output"``) or ``in`` (``"input"``) of ``(out, in, k...)``."""
+    return weight_shape[0] if layout == "output" else weight_shape[1]
+
+
+def tile_shape(weight_shape: Sequence[int], p: int, layout: TileLayout) -> torch.Size:
+    """The tile as a weight: ``(out/p, in, k...)`` (``"output"``) or ``(out, in/p, k...)`` (``"input"``)."""
+    dim = 0 if layout == "output" else 1
+    return torch.Size(n // p if i == dim else n for i, n in enumerate(weight_shape))
+
+
+def to_copies(w: torch.Tensor, p: int, layout: TileLayout) -> torch.Tensor:
+    """Logical weight ``(out, in, k...)`` -> its ``p`` copies ``(p, *tile_shape)`` (a view for ``"output"``)."""
+    if layout == "output":
+        return w.reshape(p, -1, *w.shape[1:])
+    out, width, *kernel = w.shape
+    return w.reshape(out, p, width // p, *kernel).transpose(0, 1)  # (p, out, in/p, k...)
+
+
+def from_copies(copies: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """Inverse of :func:`to_copies`: ``(p, *tile_shape)`` -> the logical ``(out, in, k...)`` weight."""
+    if layout == "output":
+        return copies.flatten(0, 1)
+    return copies.transpose(0, 1).flatten(1, 2)
 
 
 def aggregate_sign(w: torch.Tensor, p: int) -> torch.Tensor:
@@ -85,9 +123,13 @@ def effective_weight(w: torch.Tensor, p: int, mode: AlphaMode = "per_tile") -> t
     return tiled_weight(w, p, alpha(w, p, mode))
 
 
-def dequantize(tile: torch.Tensor, alpha_values: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Dense ``W_hat`` from a +-1 tile ``(L,)`` and the ``p`` alphas (no gradient path to a latent)."""
-    return (alpha_values.unsqueeze(1) * tile.to(alpha_values.dtype).unsqueeze(0)).reshape(shape)
+def dequantize(
+    tile: torch.Tensor, alpha_values: torch.Tensor, shape: Sequence[int], layout: TileLayout = "output"
+) -> torch.Tensor:
+    """Dense logical ``W_hat`` of ``shape`` from a +-1 tile ``(L,)`` and the ``p`` alphas (no gradient path)."""
+    p = alpha_values.numel()
+    copies = alpha_values.unsqueeze(1) * tile.to(alpha_values.dtype).unsqueeze(0)  # (p, L)
+    return from_copies(copies.reshape(p, *tile_shape(shape, p, layout)), layout)
 
 
 def pack_bits(tile: torch.Tensor) -> torch.Tensor:
@@ -149,21 +191,21 @@ def bits_per_weight(numel: int, p: int, scale_bits: int = 32) -> float:
     return (8 * packed_nbytes(tile_length(numel, p)) + scale_bits * p) / numel
 
 
-def resolve_factor(out_features: int, numel: int, p: int, min_compress_size: int, groups: int = 1) -> int:
-    """The layer's own factor: the largest ``p' <= p`` dividing ``out_features``.
+def resolve_factor(
+    weight_shape: Sequence[int], p: int, min_compress_size: int, groups: int = 1, layout: TileLayout = "output"
+) -> int:
+    """The layer's own factor: the largest ``p' <= p`` dividing the width the copies split (:func:`split_width`).
 
     Layers with fewer than ``min_compress_size`` weights get ``p' = 1`` (binary), as in the
-    paper; keeping ``p'`` a divisor of the output dimension keeps every tile copy a block of
-    whole output rows, the case the compute-reuse forward needs. For grouped convolutions
-    ``p'`` and ``groups`` must also divide one another, so a copy spans whole groups or
-    lies inside one.
+    paper; keeping ``p'`` a divisor keeps every tile copy a block of whole rows (columns), the
+    case the compute-reuse forward needs. For grouped convolutions ``p'`` and ``groups`` must
+    also divide one another, so a copy spans whole groups or lies inside one; the input layout
+    does not tile grouped convolutions (``p' = 1``).
     """
-    if numel < min_compress_size:
+    width = split_width(weight_shape, layout)
+    if math.prod(weight_shape) < min_compress_size or (layout == "input" and groups > 1):
         return 1
-    return max(
-        d for d in range(1, min(p, out_features) + 1)
-        if out_features % d == 0 and (groups % d == 0 or d % groups == 0)
-    )
+    return max(d for d in range(1, min(p, width) + 1) if width % d == 0 and (groups % d == 0 or d % groups == 0))
 
 
 def tiled_outputs(
@@ -185,6 +227,19 @@ def tiled_outputs(
         bias = bias if bias.dtype == y_tile.dtype else bias.to(y_tile.dtype)
         y = torch.addcmul(bias.view((p, -1, *trailing)), y_tile.unsqueeze(dim), scale)
     return y.flatten(dim, dim + 1)
+
+
+def combined_inputs(x: torch.Tensor, alpha: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The input layout's compute-reuse identity: ``sum_i alpha_i x_i`` over the ``p`` blocks of ``dim``.
+
+    ``W_hat x = T (sum_i alpha_i x_i)``: the ``in/p``-wide result goes through the tile once.
+    """
+    dim = dim % x.dim()
+    p = alpha.numel()
+    trailing = (1,) * (x.dim() - dim - 1)
+    scale = (alpha if alpha.dtype == x.dtype else alpha.to(x.dtype)).view((p, 1, *trailing))
+    blocks = x.unflatten(dim, (p, -1))  # (..., p, in/p, ...)
+    return (blocks * scale).sum(dim)
 
 
 def check_alpha_finite(where: str, alpha_values: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ from results import (
     Task,
     add_variant_options,
     checkpoint_bytes,
+    layer_options,
     measure,
     over_seeds,
     publish,
@@ -61,7 +62,7 @@ def main() -> None:
     budget = {"epochs": 0.05 if args.quick else args.epochs, "batch_size": 16,
               "max_length": 32 if args.quick else args.max_length, "lr": args.lr,
               "scheduler": "linear, 10% warm-up", "seeds": seeds, "test_fraction": 0.2,
-              "warmup": args.warmup, "alpha_param": args.alpha_param, "int4 embedding group": args.embedding_group_size,
+              "warmup": args.warmup, **layer_options(args), "int4 embedding group": args.embedding_group_size,
               "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None}
     if args.validation:
         budget["validation_fraction_of_train"] = VALIDATION_FRACTION
@@ -84,7 +85,7 @@ def main() -> None:
         teacher = None
         for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
             torch.manual_seed(seed)  # the same classification head for every variant
-            tbn = TBNConfig(compression_factor=p, alpha_param=args.alpha_param) if p is not None else None
+            tbn = TBNConfig(compression_factor=p, **layer_options(args)) if p is not None else None
             extra = {} if tbn is None else {"quantization_config": tbn}
             model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **label_config(names), **extra)
             targs = TrainingArguments(

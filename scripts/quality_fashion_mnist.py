@@ -27,7 +27,8 @@ import torch
 from results import (
     Row,
     Task,
-    add_alpha_option,
+    add_layer_options,
+    layer_options,
     measure,
     over_seeds,
     parse_variant,
@@ -108,20 +109,20 @@ def learning_rates(text: str) -> dict[str, float]:
 
 def run_task(name: str, label: str, build: Callable[[], nn.Module], data: dict[str, torch.Tensor], epochs: int,
              seeds: list[int], variants: list[str], lr: dict[str, float], schedule: str, warmup: float,
-             alpha_param: str, validation: bool, min_compress_size: int, fp_layers: list[str], out: Path,
+             options: dict[str, str], validation: bool, min_compress_size: int, fp_layers: list[str], out: Path,
              notes: str = "") -> None:
     """Train every variant with every seed (at ``lr.get(variant, lr[""])``) and publish the rows after each
     (``+warmup`` variants warm up over the fraction ``warmup`` of the steps, the others train plain); ``fp_layers``
     stay full precision in all TBN variants (the classifier head above all: tiled, its output blocks would be
     scaled copies of each other, i.e. classes that cannot be told apart). Per seed every variant starts from the
-    same dense weights."""
+    same dense weights; ``options`` are the TBNConfig fields of :func:`results.layer_options`."""
     metric = f"{'validation' if validation else 'test'} accuracy %"
     rates = {v: lr.get(v, lr[""]) for v in variants}
     budget = {"epochs": epochs, "batch_size": 128, "optimizer": "Adam",
               "lr": rates[variants[0]] if len(set(rates.values())) == 1 else rates, "lr schedule": schedule,
               **({"seed": seeds[0]} if len(seeds) == 1 else {"seeds": seeds}),
               **({"warmup": warmup} if any("+warmup" in v for v in variants) else {}),
-              **({"alpha_param": alpha_param} if alpha_param != "latent" else {}),
+              **{k: v for k, v in options.items() if v != TBNConfig().to_dict()[k]},
               "train_images": int(data["x_train"].shape[0]), "scored_images": int(data["x_test"].shape[0]),
               "min_compress_size": min_compress_size, "full precision layers": fp_layers}
     results: dict[str, list[Row]] = {v: [] for v in variants}
@@ -133,7 +134,7 @@ def run_task(name: str, label: str, build: Callable[[], nn.Module], data: dict[s
             model = copy.deepcopy(dense)
             if p is not None:
                 convert_model(model, TBNConfig(compression_factor=p, min_compress_size=min_compress_size,
-                                               modules_to_not_convert=fp_layers, alpha_param=alpha_param))
+                                               modules_to_not_convert=fp_layers, **options))
             start = time.time()
             train(model, data["x_train"], data["y_train"], epochs=epochs, seed=seed, lr=rates[variant],
                   cosine=schedule == "cosine", warmup=warmup if with_warmup else 0.0)
@@ -156,7 +157,7 @@ def main() -> None:
     parser.add_argument("--variants", type=variant_list, default=variant_list(VARIANTS),
                         help=f"comma-separated fp, P or P+warmup (default {VARIANTS})")
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")
-    add_alpha_option(parser)
+    add_layer_options(parser)
     parser.add_argument("--validation", action="store_true",
                         help=f"train without the last {VALIDATION_IMAGES} training images and score on them")
     parser.add_argument("--mlp-epochs", type=int, default=20)
@@ -179,7 +180,7 @@ def main() -> None:
         x_train, y_train, x_test, y_test = x_train[:512], y_train[:512], x_test[:256], y_test[:256]
     data = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     common = {"data": data, "seeds": seeds_of(args), "variants": args.variants, "lr": args.lr,
-              "schedule": args.schedule, "warmup": args.warmup, "alpha_param": args.alpha_param,
+              "schedule": args.schedule, "warmup": args.warmup, "options": layer_options(args),
               "out": args.out,
               "validation": args.validation}
     if "mlp" in args.tasks:

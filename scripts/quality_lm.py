@@ -23,6 +23,7 @@ import torch
 from results import (
     Task,
     add_variant_options,
+    layer_options,
     measure,
     publish,
     quality_parser,
@@ -127,12 +128,12 @@ def main() -> None:
     split_name = "validation" if args.validation else "held-out"
     budget = {"steps": steps, "batch_size": args.batch, "block_tokens": block, "lr": args.lr, "scheduler": "cosine",
               "optimizer": "AdamW", "seed": args.seed, "train_blocks": len(train), "eval_tokens": test.ids.numel(),
-              "scored_on": split_name, "warmup": args.warmup, "alpha_param": args.alpha_param,
+              "scored_on": split_name, "warmup": args.warmup, **layer_options(args),
               "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None}
     tokens_per_step = args.batch * block
     rows = []
     for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
-        tbn = TBNConfig(compression_factor=p, alpha_param=args.alpha_param) if p is not None else None
+        tbn = TBNConfig(compression_factor=p, **layer_options(args)) if p is not None else None
         extra = {} if tbn is None else {"quantization_config": tbn}
         model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
         before = perplexity(model, test)

@@ -95,11 +95,18 @@ def seeds_of(args: argparse.Namespace) -> list[int]:
     return args.seeds or [args.seed]
 
 
-def add_alpha_option(parser: argparse.ArgumentParser) -> None:
-    """``--alpha-param``: the TBNConfig.alpha_param of every TBN variant."""
+def add_layer_options(parser: argparse.ArgumentParser) -> None:
+    """``--alpha-param`` and ``--tile-layout``: the TBNConfig.alpha_param and tile_layout of every TBN variant."""
     from hf_tbn.layers import ALPHA_PARAMS
+    from hf_tbn.tiling import TILE_LAYOUTS
 
     parser.add_argument("--alpha-param", choices=ALPHA_PARAMS, default="latent", help="TBNConfig.alpha_param")
+    parser.add_argument("--tile-layout", choices=TILE_LAYOUTS, default="output", help="TBNConfig.tile_layout")
+
+
+def layer_options(args: argparse.Namespace) -> dict[str, str]:
+    """The TBNConfig fields :func:`add_layer_options` sets, for the config and the budget."""
+    return {"alpha_param": args.alpha_param, "tile_layout": args.tile_layout}
 
 
 def add_variant_options(parser: argparse.ArgumentParser, default: str) -> None:
@@ -108,7 +115,7 @@ def add_variant_options(parser: argparse.ArgumentParser, default: str) -> None:
     from hf_tbn.distill import NUMBER_FIELDS, DistillConfig
     from hf_tbn.qat import DEFAULT_WARMUP
 
-    add_alpha_option(parser)
+    add_layer_options(parser)
     parser.add_argument("--variants", help=f"comma-separated (default {default})")
     parser.add_argument("--validation", action="store_true", help="score on a validation split of the training data")
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")

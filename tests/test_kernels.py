@@ -106,13 +106,20 @@ def packed_layers() -> list[tuple[str, nn.Module, torch.Tensor]]:
         # Tile rows of whole bytes (8 * 3 * 3 and 8 * 2 values): the compiled CPU kernel takes these too.
         ("conv2d-bytes", TBNConv2d(8, 16, 3, padding=1, compression_factor=4), torch.randn(2, 8, 5, 6)),
         ("conv1d-bytes-groups", TBNConv1d(16, 12, 2, groups=2, compression_factor=4), torch.randn(3, 16, 7)),
+        # The input layout: the alpha-weighted input blocks through one (out, in/p, ...) tile.
+        ("linear-input", TBNLinear(40, 24, compression_factor=4, tile_layout="input"), torch.randn(2, 3, 40)),
+        ("linear-input-bytes", TBNLinear(64, 12, compression_factor=8, tile_layout="input"), torch.randn(5, 64)),
+        ("conv2d-input", TBNConv2d(8, 6, 3, stride=2, padding=1, compression_factor=4, tile_layout="input"),
+         torch.randn(2, 8, 7, 9)),
+        ("conv2d-input-unbatched", TBNConv2d(4, 3, 2, compression_factor=2, tile_layout="input"), torch.randn(4, 4, 4)),
+        ("conv1d-input-bytes", TBNConv1d(16, 5, 4, compression_factor=2, tile_layout="input"), torch.randn(3, 16, 9)),
     ]
     return [(name, layer.pack(), x) for name, layer, x in cases]
 
 
 def backends_for(layer: nn.Module) -> tuple[str, ...]:
     """Every backend that runs ``layer`` on CPU: the compiled kernel only for tile rows of whole bytes."""
-    return ("torch", "triton", "native") if math.prod(layer.weight_shape[1:]) % 8 == 0 else ("torch", "triton")
+    return ("torch", "triton", "native") if math.prod(layer.tile_shape[1:]) % 8 == 0 else ("torch", "triton")
 
 
 @pytest.mark.parametrize("name, layer, x", packed_layers(), ids=lambda v: v if isinstance(v, str) else "")

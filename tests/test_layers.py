@@ -17,13 +17,21 @@ from hf_tbn.convert import tbn_from_dense
 
 FACTORS = [1, 2, 4, 8, 16]
 MODES = ["per_tile", "per_layer"]
+LAYOUTS = list(tiling.TILE_LAYOUTS)
 
 
-def dense_layers(p: int, seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
-    """One dense module of every convertible kind (output dims divisible by p) and an input."""
+def dense_layers(p: int, seed: int, layout: str = "output") -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """One dense module of every convertible kind (the dimension ``layout`` splits divisible by p) and an input."""
     g = torch.Generator().manual_seed(seed)
     k = int(torch.randint(1, 4, (1,), generator=g))
     torch.manual_seed(seed)
+    if layout == "input":  # grouped convolutions are not tiled along their inputs
+        return {
+            "linear": (nn.Linear(p * k * 3, 19), torch.randn(5, p * k * 3)),
+            "conv1d_gpt2": (Conv1D(13, p * k * 2), torch.randn(2, 3, p * k * 2)),
+            "conv1d": (nn.Conv1d(p * k, 6, 3, stride=2, padding=1, dilation=2), torch.randn(2, p * k, 17)),
+            "conv2d": (nn.Conv2d(p * k * 2, 4, 3, stride=(2, 1), padding=1), torch.randn(2, p * k * 2, 9, 8)),
+        }
     return {
         "linear": (nn.Linear(19, p * k * 3), torch.randn(5, 19)),
         "conv1d_gpt2": (Conv1D(p * k * 2, 13), torch.randn(2, 3, 13)),
@@ -44,12 +52,13 @@ def dense_forward(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> t
     return module(x)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("p", FACTORS)
 @pytest.mark.parametrize("mode", MODES)
-def test_layers_match_reference(p: int, mode: str) -> None:
-    for kind, (dense, x) in dense_layers(p, seed=p).items():
-        ref_t, ref_alpha, ref_w = reference_tbn(logical(dense), p, mode)
-        layer = tbn_from_dense(dense, p, mode, kind)
+def test_layers_match_reference(p: int, mode: str, layout: str) -> None:
+    for kind, (dense, x) in dense_layers(p, seed=p, layout=layout).items():
+        ref_t, ref_alpha, ref_w = reference_tbn(logical(dense), p, mode, layout)
+        layer = tbn_from_dense(dense, p, mode, kind, tile_layout=layout)
         assert layer.compression_factor == p
         assert torch.equal(layer.tile_values(), ref_t), kind
         assert torch.equal(layer.alpha_values(), ref_alpha), kind
@@ -63,17 +72,20 @@ def test_layers_match_reference(p: int, mode: str) -> None:
         assert torch.equal(layer.effective_weight(), ref_w), kind
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("p", [1, 4, 16])
 @pytest.mark.parametrize("mode", MODES)
-def test_latent_gradient_matches_reference(p: int, mode: str) -> None:
-    for kind, (dense, x) in dense_layers(p, seed=10 + p).items():
-        layer = tbn_from_dense(dense, p, mode, kind)
+def test_latent_gradient_matches_reference(p: int, mode: str, layout: str) -> None:
+    for kind, (dense, x) in dense_layers(p, seed=10 + p, layout=layout).items():
+        layer = tbn_from_dense(dense, p, mode, kind, tile_layout=layout)
         grad_out = torch.randn_like(layer(x))
         (layer(x) * grad_out).sum().backward()
 
         w = logical(dense).clone().requires_grad_()
-        (dense_forward_with_grad(dense, reference_tbn(w, p, mode)[2], x) * grad_out).sum().backward()
-        torch.testing.assert_close(layer.weight.grad.view(w.shape), w.grad, rtol=1e-4, atol=1e-6)
+        (dense_forward_with_grad(dense, reference_tbn(w, p, mode, layout)[2], x) * grad_out).sum().backward()
+        # the latent weight holds the p copies (p, *tile_shape): put each back in place
+        grad = torch.cat(list(layer.weight.grad), dim=0 if layout == "output" else 1)
+        torch.testing.assert_close(grad, w.grad, rtol=1e-4, atol=1e-6)
 
 
 def dense_forward_with_grad(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -83,11 +95,12 @@ def dense_forward_with_grad(module: nn.Module, weight: torch.Tensor, x: torch.Te
     return torch.func.functional_call(module, {"weight": weight}, (x,))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("p", FACTORS)
 @pytest.mark.parametrize("mode", MODES)
-def test_packed_forward_equals_latent(p: int, mode: str) -> None:
-    for kind, (dense, x) in dense_layers(p, seed=20 + p).items():
-        layer = tbn_from_dense(dense, p, mode, kind)
+def test_packed_forward_equals_latent(p: int, mode: str, layout: str) -> None:
+    for kind, (dense, x) in dense_layers(p, seed=20 + p, layout=layout).items():
+        layer = tbn_from_dense(dense, p, mode, kind, tile_layout=layout)
         with torch.no_grad():
             latent = layer(x)
             packed = layer.pack()(x)
@@ -95,10 +108,11 @@ def test_packed_forward_equals_latent(p: int, mode: str) -> None:
         assert rel < 1e-5, (kind, rel.item())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("p", FACTORS)
-def test_pack_latent_pack_reproduces_bits(p: int) -> None:
-    for kind, (dense, _) in dense_layers(p, seed=30 + p).items():
-        layer = tbn_from_dense(dense, p, "per_tile", kind).pack()
+def test_pack_latent_pack_reproduces_bits(p: int, layout: str) -> None:
+    for kind, (dense, _) in dense_layers(p, seed=30 + p, layout=layout).items():
+        layer = tbn_from_dense(dense, p, "per_tile", kind, tile_layout=layout).pack()
         tile, alpha = layer.tile.clone(), layer.alpha.clone()
         layer.to_latent()
         assert layer.form == "latent" and layer.weight.requires_grad
@@ -147,6 +161,8 @@ class AllocationRecorder(TorchDispatchMode):
         (TBNLinear(256, 512, compression_factor=4), torch.randn(2, 256)),
         (TBNConv2d(32, 64, 3, padding=1, compression_factor=8), torch.randn(1, 32, 5, 5)),
         (TBNConv1d(32, 64, 5, compression_factor=2), torch.randn(1, 32, 20)),
+        (TBNLinear(256, 512, compression_factor=4, tile_layout="input"), torch.randn(2, 256)),
+        (TBNConv2d(32, 64, 3, padding=1, compression_factor=8, tile_layout="input"), torch.randn(1, 32, 5, 5)),
     ],
 )
 def test_packed_forward_never_builds_dense_weight(layer: nn.Module, x: torch.Tensor) -> None:
@@ -183,9 +199,25 @@ def test_bad_factor_names_layer_and_value(bad: object) -> None:
         TBNLinear(8, 8, compression_factor=bad, name="my.layer")
 
 
-def test_factor_must_divide_output_dim() -> None:
+def test_factor_must_divide_the_dimension_the_layout_splits() -> None:
     with pytest.raises(ValueError, match="enc.fc: compression_factor 4 does not divide the output dimension 6"):
         TBNLinear(8, 6, compression_factor=4, name="enc.fc")
+    with pytest.raises(ValueError, match="enc.fc: compression_factor 4 does not divide the input dimension 6"):
+        TBNLinear(6, 8, compression_factor=4, name="enc.fc", tile_layout="input")
+    with pytest.raises(ValueError, match="dw: tile_layout='input' does not tile grouped convolutions"):
+        TBNConv2d(8, 8, 3, groups=8, compression_factor=2, name="dw", tile_layout="input")
+    with pytest.raises(ValueError, match="fc: tile_layout must be one of .* got 'rows'"):
+        TBNLinear(8, 8, compression_factor=2, name="fc", tile_layout="rows")
+
+
+def test_input_layout_applies_the_tile_once_to_the_alpha_weighted_input_blocks() -> None:
+    """``W_hat x = T (sum_i alpha_i x_i)``: the packed forward's identity, written out for a Linear."""
+    layer = TBNLinear(12, 5, compression_factor=3, tile_layout="input").pack()
+    x = torch.randn(4, 12)
+    t = tiling.unpack_bits(layer.tile, 20).view(5, 4)  # the tile as an (out, in/p) weight
+    combined = sum(a * block for a, block in zip(layer.alpha, x.split(4, dim=1), strict=True))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), combined @ t.T + layer.bias, rtol=1e-5, atol=1e-6)
 
 
 def test_packed_tile_length_mismatch_names_layer_and_shapes() -> None:

@@ -155,3 +155,35 @@ def test_quantize_on_load_starts_the_alpha_source_from_the_checkpoint(folders: d
     model.save_pretrained(tmp_path / "latent")
     again = GPT2LMHeadModel.from_pretrained(tmp_path / "latent").get_submodule(LAYER)
     assert torch.equal(getattr(again, "alpha_weight" if alpha_param == "tensor" else "alpha"), source)
+
+
+def test_input_layout_quantizes_on_load_and_round_trips_packed(folders: dict[str, Path], tmp_path: Path) -> None:
+    """``tile_layout="input"`` from a dense checkpoint: each latent copy is a block of the pretrained weight's input
+    columns (the GPT-2 Conv1D transposed first); a packed save records the layout and reloads to the same logits,
+    and the checkpoint check expects the input layout's latent shape."""
+    config = TBNConfig(min_compress_size=0, tile_layout="input")
+    model = GPT2LMHeadModel.from_pretrained(folders["fp"], quantization_config=config)
+    dense = GPT2LMHeadModel.from_pretrained(folders["fp"]).get_submodule(LAYER).weight.detach().t()  # (128, 32)
+    layer = model.get_submodule(LAYER)
+    assert layer.tile_layout == "input" and layer.weight.shape == (4, 128, 8)
+    for i in range(4):
+        assert torch.equal(layer.weight[i], dense[:, 8 * i : 8 * i + 8])
+    ids = torch.arange(12).view(2, 6)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "latent")
+    pack_model(model).save_pretrained(tmp_path / "packed")
+    saved = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
+    assert saved["tile_layout"] == "input"
+    for folder in ("latent", "packed"):
+        again = GPT2LMHeadModel.from_pretrained(tmp_path / folder)
+        assert again.get_submodule(LAYER).tile_layout == "input", folder
+        with torch.no_grad():
+            torch.testing.assert_close(again(ids).logits, expected, rtol=1e-5, atol=1e-5, msg=folder)
+    output_layout = json.loads((tmp_path / "latent" / "config.json").read_text())
+    output_layout["quantization_config"]["tile_layout"] = "output"
+    shutil.copytree(tmp_path / "latent", tmp_path / "relabelled")
+    (tmp_path / "relabelled" / "config.json").write_text(json.dumps(output_layout))
+    wrong_shape = r"c_attn.*'transformer.h.0.attn.c_attn.weight' has \(4, 96, 8\).*needs \(4, 24, 32\)"
+    with pytest.raises(ValueError, match=wrong_shape):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "relabelled")

@@ -109,18 +109,43 @@ def test_bits_per_weight_formula() -> None:
 
 
 @pytest.mark.parametrize(
-    ("out", "numel", "p", "minimum", "groups", "expected"),
+    ("shape", "p", "minimum", "groups", "layout", "expected"),
     [
-        (384, 147456, 4, 64000, 1, 4),
-        (384, 147456, 16, 64000, 1, 16),
-        (30, 30000, 4, 0, 1, 3),  # 4 does not divide 30: largest divisor <= 4 is 3
-        (7, 7000, 8, 0, 1, 7),
-        (384, 1000, 4, 64000, 1, 1),  # under the minimum size: binary
-        (12, 12000, 4, 0, 6, 3),  # grouped: 4 and 6 do not divide one another, 3 does
+        ((384, 384), 4, 64000, 1, "output", 4),
+        ((384, 384), 16, 64000, 1, "output", 16),
+        ((30, 1000), 4, 0, 1, "output", 3),  # 4 does not divide 30: largest divisor <= 4 is 3
+        ((7, 1000), 8, 0, 1, "output", 7),
+        ((384, 2, 1), 4, 64000, 1, "output", 1),  # under the minimum size: binary
+        ((12, 1000), 4, 0, 6, "output", 3),  # grouped: 4 and 6 do not divide one another, 3 does
+        ((30, 1000), 4, 0, 1, "input", 4),  # the input layout splits the 1000 inputs
+        ((64, 30, 3, 3), 4, 0, 1, "input", 3),
+        ((12, 1000), 4, 0, 6, "input", 1),  # grouped convolutions are not tiled along their inputs
     ],
 )
-def test_resolve_factor(out: int, numel: int, p: int, minimum: int, groups: int, expected: int) -> None:
-    assert tiling.resolve_factor(out, numel, p, minimum, groups) == expected
+def test_resolve_factor(shape: tuple[int, ...], p: int, minimum: int, groups: int, layout: str, expected: int) -> None:
+    assert tiling.resolve_factor(shape, p, minimum, groups, layout) == expected
+
+
+def test_input_layout_copies_are_the_input_column_blocks() -> None:
+    w = torch.randn(6, 8, 3)
+    copies = tiling.to_copies(w, 4, "input")
+    assert copies.shape == (4, *tiling.tile_shape(w.shape, 4, "input")) == (4, 6, 2, 3)
+    for i in range(4):
+        assert torch.equal(copies[i], w[:, 2 * i : 2 * i + 2])
+    assert torch.equal(tiling.from_copies(copies, "input"), w)
+    assert torch.equal(tiling.to_copies(w, 3, "output")[1], w[2:4])
+
+
+def test_combined_inputs_reproduce_the_dense_product() -> None:
+    """``W_hat x = T (sum_i alpha_i x_i)`` for the input layout, also along a channel dim."""
+    w, alpha = torch.randn(5, 12), torch.rand(3) + 0.5
+    t = tiling.aggregate_sign(tiling.to_copies(w, 3, "input"), 3)
+    w_hat = tiling.dequantize(t, alpha, w.shape, "input")
+    x = torch.randn(7, 12)
+    torch.testing.assert_close(tiling.combined_inputs(x, alpha) @ t.view(5, 4).T, x @ w_hat.T)
+    images = torch.randn(2, 12, 4, 4)
+    expected = sum(a * images[:, 4 * i : 4 * i + 4] for i, a in enumerate(alpha))
+    torch.testing.assert_close(tiling.combined_inputs(images, alpha, dim=1), expected)
 
 
 def test_unknown_alpha_mode() -> None:
