@@ -44,6 +44,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha-mode", choices=("per_tile", "per_layer"), help="scales per tile copy (default) or one")
     p.add_argument("--alpha-param", choices=("latent", "tensor", "scalars"),
                    help="what the latent form learns the scales through (TBNConfig.alpha_param, default latent)")
+    p.add_argument("--tile-layout", choices=("output", "input"),
+                   help="tile copies along the output rows (default) or the input columns / channels "
+                        "(TBNConfig.tile_layout)")
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:

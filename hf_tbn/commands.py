@@ -37,7 +37,8 @@ EXPORT_FOLDERS = {"onnx", "openvino"}  # full-precision exports of the source mo
 METRICS_FILE = "eval_results.json"  # what train measured: true of the weights it wrote, not of later ones
 # TBNConfig fields set from the command line (dest of the option -> field).
 CONFIG_OPTIONS = {"p": "compression_factor", "min_compress_size": "min_compress_size",
-                  "exclude": "modules_to_not_convert", "alpha_mode": "alpha_mode", "alpha_param": "alpha_param"}
+                  "exclude": "modules_to_not_convert", "alpha_mode": "alpha_mode", "alpha_param": "alpha_param",
+                  "tile_layout": "tile_layout"}
 
 
 # -- input folders ----------------------------------------------------------------------------

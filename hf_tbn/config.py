@@ -123,7 +123,8 @@ class TBNConfig(QuantizationConfigMixin):
             raise ValueError("alpha_param='scalars' learns one alpha per copy; it needs alpha_mode='per_tile'")
 
     def to_dict(self) -> dict[str, Any]:
-        """What config.json records: everything but the runtime ``backend``, plus the writing hf_tbn version."""
+        """What config.json records: everything but the runtime ``backend`` (and the default ``tile_layout``), plus
+        the writing hf_tbn version."""
         from .version import version
 
         return {
@@ -135,7 +136,8 @@ class TBNConfig(QuantizationConfigMixin):
             "modules_to_not_convert": self.modules_to_not_convert,
             "alpha_mode": self.alpha_mode,
             "alpha_param": self.alpha_param,
-            "tile_layout": self.tile_layout,
+            # only when not the default: an output-layout config.json stays readable by an hf_tbn without the option
+            **({"tile_layout": self.tile_layout} if self.tile_layout != "output" else {}),
             "form": self.form,
             "embedding_format": self.embedding_format,
             "embedding_group_size": self.embedding_group_size,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .lower import AffineOp, Geometry, Op, PoolOp, ReluOp, WeightedOp
+from .lower import AffineOp, CombineOp, Geometry, Op, PoolOp, ReluOp, WeightedOp
 
 _VALUES_PER_LINE = 8
 _HALFWORDS_PER_LINE = 12
@@ -237,6 +237,9 @@ def _call(op: Op, base: str, src: str, dst: str, emitter: _Emitter, nibble_table
         shift = emitter.floats(base + "_shift", op.shift.float(), op.name)
         spatial = _numel(op.out_shape[1:])
         return [f"    tbn_rt_affine({dst}, {op.out_shape[0]}u, {spatial}u, {scale}, {shift});"]
+    if isinstance(op, CombineOp):
+        alpha = emitter.floats(base + "_alpha", op.alpha, op.name, weight=True)
+        return [f"    tbn_rt_combine({src}, {_numel(op.out_shape)}u, {op.alpha.numel()}u, {alpha}, {dst});"]
     if isinstance(op, PoolOp):
         geom = emitter.geometry(base + "_geom", op.geometry, op.name)
         if op.average:

@@ -5,7 +5,9 @@ step, and a container (``nn.Sequential`` or any module without parameters of its
 forward runs its children in registration order) contributes its children. The lowering
 checks that chain against the model's own forward on a random input and refuses a model
 whose forward does anything else (skip connections, functional calls, reordering).
-BatchNorm directly after a Linear/Conv layer is folded into that layer's scales and bias.
+BatchNorm directly after a Linear/Conv layer is folded into that layer's scales and bias. A
+layer of the input tile layout becomes two steps: the alpha-weighted sum of its ``p`` input
+blocks (:class:`CombineOp`), then its tile as one ``p = 1`` layer (hf_tbn.tiling).
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ class WeightedOp(Op):
 
 
 @dataclass
+class CombineOp(Op):
+    """The input tile layout's first step: ``y = sum_i alpha[i] x_i`` over the ``p`` equal blocks of the input."""
+
+    alpha: torch.Tensor | None = None
+
+
+@dataclass
 class AffineOp(Op):
     """A BatchNorm that follows no Linear/Conv: ``y = x * scale[c] + shift[c]``, in place."""
 
@@ -180,6 +189,11 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> list[Op]:
             ops.append(ReluOp(name, "ReLU", in_shape, out_shape))
         elif isinstance(module, POOLS):
             ops.append(_pool_op(name, module, in_shape, out_shape))
+        elif isinstance(module, TBNLayer) and module.tile_layout == "input":
+            p = module.compression_factor
+            combined = (in_shape[0] // p, *in_shape[1:])
+            ops.append(CombineOp(name, f"combine(p={p})", in_shape, combined, module.alpha.detach().float().clone()))
+            ops.append(_weighted_op(name, module, combined, out_shape))
         else:
             ops.append(_weighted_op(name, module, in_shape, out_shape))
     _check_chain(model, layers, input_shape)  # after every layer's input was checked
@@ -281,6 +295,10 @@ def _weighted_op(name: str, module: nn.Module, in_shape: tuple[int, ...], out_sh
         raise ValueError(f"{name}: {kind} gets an input of shape {in_shape}; add a Flatten before a Linear layer")
     geometry = _conv_geometry(name, module, in_shape, out_shape) if is_conv else None
     bias = module.bias.detach().float().clone() if module.bias is not None else None
+    if isinstance(module, TBNLayer) and module.tile_layout == "input":  # the combined input through the whole tile
+        rows = module.weight_shape[0]
+        return WeightedOp(name, f"{kind}(p={module.compression_factor}, input layout)", in_shape, out_shape, rows, 1,
+                          tile=_row_tile(module, rows), scale=torch.ones(1), bias=bias, geometry=geometry)
     if isinstance(module, TBNLayer):
         p = module.compression_factor
         rows = module.weight_shape[0] // p

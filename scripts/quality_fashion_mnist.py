@@ -122,7 +122,7 @@ def run_task(name: str, label: str, build: Callable[[], nn.Module], data: dict[s
               "lr": rates[variants[0]] if len(set(rates.values())) == 1 else rates, "lr schedule": schedule,
               **({"seed": seeds[0]} if len(seeds) == 1 else {"seeds": seeds}),
               **({"warmup": warmup} if any("+warmup" in v for v in variants) else {}),
-              **{k: v for k, v in options.items() if v != TBNConfig().to_dict()[k]},
+              **{k: v for k, v in options.items() if v != getattr(TBNConfig(), k)},
               "train_images": int(data["x_train"].shape[0]), "scored_images": int(data["x_test"].shape[0]),
               "min_compress_size": min_compress_size, "full precision layers": fp_layers}
     results: dict[str, list[Row]] = {v: [] for v in variants}

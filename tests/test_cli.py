@@ -125,6 +125,19 @@ def test_alpha_param_option_reaches_the_config(fp_folder: Path, tmp_path: Path,
     assert "alpha_param='scalars'" in error_line(capsys) and not (tmp_path / "other").exists()
 
 
+def test_tile_layout_option_reaches_the_packed_folder(fp_folder: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """--tile-layout input: every packed layer's tile is an (out, in/p) weight; a TBN folder keeps its own layout."""
+    packed = tmp_path / "packed"
+    assert main(["quantize", str(fp_folder), str(packed), "--min-compress-size", "0", "--tile-layout", "input"]) == 0
+    layers = [layer for _, layer in tbn_layers(AutoModelForSequenceClassification.from_pretrained(packed))]
+    assert layers and all(layer.tile_layout == "input" and layer.form == "packed" for layer in layers)
+    assert all(layer.tile_shape[0] == layer.weight_shape[0] for layer in layers)
+    capsys.readouterr()
+    assert main(["quantize", str(packed), str(tmp_path / "other"), "--tile-layout", "output"]) == 2
+    assert "tile_layout='input'" in error_line(capsys) and not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

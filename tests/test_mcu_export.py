@@ -144,6 +144,34 @@ def test_every_layer_option_matches_on_host(tmp_path: Path) -> None:
     assert torch.equal(host.argmax(1), ref.argmax(1))
 
 
+def test_input_tile_layout_matches_on_host_and_board(tmp_path: Path) -> None:
+    """Input-layout layers: the alpha-weighted sum of the input blocks, then the (out, in/p) tile as a p = 1 layer,
+    BatchNorm folded into it; the combined input is a fraction 1/p of the layer's input."""
+    model = nn.Sequential(
+        TBNConv2d(8, 6, 3, padding=1, compression_factor=4, tile_layout="input"), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(), TBNLinear(6 * 5 * 4, 10, compression_factor=8, tile_layout="input"),
+    )
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.normal_()
+    model.eval()
+    x = torch.randn(50, 8, 5, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(x)
+    export = export_model(model, (8, 5, 4), tmp_path)
+    ops = export.plan.ops
+    assert [(op.kind, op.in_shape, op.out_shape) for op in ops[:2]] == [
+        ("combine(p=4)", (8, 5, 4), (2, 5, 4)), ("TBNConv2d(p=4, input layout)+BatchNorm", (2, 5, 4), (6, 5, 4))]
+    assert (ops[1].rows, ops[1].p) == (6, 1) and ops[-1].in_shape == (15,)
+    assert "tbn_rt_combine(in, 40u, 4u," in export.plan.generated.source
+    host = tc.run_host(export, tc.build_host(export), x)
+    assert rel_err(host, ref) <= MAX_REL_ERR
+    board = tc.run_board(export, tc.build_board(export), x[:10])
+    assert rel_err(board.outputs, ref[:10]) <= MAX_REL_ERR
+
+
 def test_any_module_names_give_valid_c(tmp_path: Path) -> None:
     model = nn.Sequential()
     model.add_module("1 fc/*é*/", TBNLinear(6, 4, compression_factor=2))

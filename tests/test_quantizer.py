@@ -53,12 +53,16 @@ def test_registration_is_idempotent_and_config_round_trips() -> None:
     data = json.loads(config.to_json_string())
     again = AutoQuantizationConfig.from_dict(data)
     assert isinstance(again, TBNConfig) and again.to_dict() == config.to_dict()
+    assert "tile_layout" not in data  # the default layout leaves config.json as older hf_tbn reads it
+    data = json.loads(TBNConfig(tile_layout="input").to_json_string())
+    assert AutoQuantizationConfig.from_dict(data).tile_layout == "input"
 
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"compression_factor": 0}, "compression_factor must be a positive int, got 0"),
     ({"form": "dense"}, "form must be one of"),
     ({"alpha_mode": "mean"}, "alpha_mode must be one of"),
+    ({"tile_layout": "rows"}, "tile_layout must be one of .*, got 'rows'"),
     ({"backend": "cuda"}, "backend must be one of"),
     ({"min_compress_size": -1}, "min_compress_size"),
     ({"bogus_key": 1}, "unknown keys \\['bogus_key'\\]"),

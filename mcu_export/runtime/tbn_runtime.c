@@ -241,6 +241,20 @@ void tbn_rt_copies(float *y, uint32_t rows, uint32_t spatial, uint32_t p, const 
     }
 }
 
+void tbn_rt_combine(const float *x, uint32_t block, uint32_t p, const float *alpha, float *y) {
+    uint32_t i, j;
+    for (j = 0; j < block; ++j) {
+        y[j] = alpha[0] * x[j];
+    }
+    for (i = 1; i < p; ++i) {
+        const float a = alpha[i];
+        const float *xi = x + i * block;
+        for (j = 0; j < block; ++j) {
+            y[j] += a * xi[j];
+        }
+    }
+}
+
 void tbn_rt_affine(float *y, uint32_t channels, uint32_t spatial, const float *scale, const float *shift) {
     uint32_t c, s;
     for (c = 0; c < channels; ++c) {

@@ -54,6 +54,10 @@ void tbn_rt_conv2d_f32(const float *x, const tbn_rt_geom_t *g, const float *w, f
 void tbn_rt_copies(float *y, uint32_t rows, uint32_t spatial, uint32_t p, const float *scale,
                    int scale_per_channel, const float *bias);
 
+/* The input tile layout's first step: y[j] = sum_i alpha[i] x[i * block + j] for j < block, over
+ * the p blocks of x (Linear: in / p features each; Conv2d: in_c / p channels of a CHW tensor). */
+void tbn_rt_combine(const float *x, uint32_t block, uint32_t p, const float *alpha, float *y);
+
 /* In place: y[c][s] = y[c][s] * scale[c] + shift[c] (a BatchNorm not folded into a layer). */
 void tbn_rt_affine(float *y, uint32_t channels, uint32_t spatial, const float *scale, const float *shift);
 
