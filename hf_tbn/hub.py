@@ -194,7 +194,8 @@ def model_card(model: PreTrainedModel, base_model: str | None = None, eval_resul
         "written with [hf-tbn](https://pypi.org/project/hf-tbn/).",
         "",
         f"- base model: {base}",
-        f"- method: `tbn` (hf-tbn), form `{config.form}`, alpha mode `{config.alpha_mode}`, p per layer: {factors}",
+        f"- method: `tbn` (hf-tbn), form `{config.form}`, alpha mode `{config.alpha_mode}`, tile copies along the "
+        f"{config.tile_layout} dimension, p per layer: {factors}",
         f"- converted layers: {summary.layers}, {summary.converted_weights:,} weights at "
         f"{summary.bits_per_weight:.3f} bits per weight ({summary.converted_bytes:,} bytes packed)",
         "- kept full precision: embeddings, norms, biases and "

@@ -155,6 +155,12 @@ class TBNLayer(nn.Module):
         return tiling.tile_shape(self.weight_shape, self.compression_factor, self.tile_layout)
 
     @property
+    def combines_inputs(self) -> bool:
+        """Whether the packed forward first sums the ``p`` input blocks with their alphas (input layout, ``p > 1``;
+        at ``p = 1`` both layouts are the same layer)."""
+        return self.tile_layout == "input" and self.compression_factor > 1
+
+    @property
     def latent_shape(self) -> torch.Size:
         """Shape of the latent weight: the ``p`` copies of the tile's shape, ``(p, *tile_shape)``."""
         return torch.Size((self.compression_factor, *self.tile_shape))
@@ -386,7 +392,7 @@ class TBNLinear(TBNLayer):
     def _apply_tile(self, x: torch.Tensor) -> torch.Tensor:
         buffers = self._buffers  # not self.tile: Module.__getattr__ costs about 1 us per decoding call
         tile, alpha = buffers["tile"], buffers["alpha"]
-        if self.tile_layout == "input":  # x (..., in) -> (..., in/p); the tile is then one (out, in/p) weight
+        if self.combines_inputs:  # x (..., in) -> (..., in/p); the tile is then one (out, in/p) weight
             x, alpha = tiling.combined_inputs(x, alpha), alpha.new_ones(1)
         rows = self.tile_shape[0]
         return backends.linear(x, tile, alpha, self.bias, rows, self.backend, self.layer_name)
@@ -431,8 +437,8 @@ class _TBNConvNd(TBNLayer):
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.geometry = ConvGeometry(shape, self.stride, self.padding, self.dilation, groups)
         super().__init__(shape, bias, compression_factor, groups, **options)
-        # what the packed forward convolves: the input layout's tile is one (out, in/p, k...) weight
-        self.tile_geometry = self.geometry if self.tile_layout == "output" else ConvGeometry(
+        # what the packed forward convolves: once it combines the inputs, the tile is one (out, in/p, k...) weight
+        self.tile_geometry = self.geometry if not self.combines_inputs else ConvGeometry(
             tuple(self.tile_shape), self.stride, self.padding, self.dilation, groups
         )
 
@@ -441,7 +447,7 @@ class _TBNConvNd(TBNLayer):
 
     def _apply_tile(self, x: torch.Tensor) -> torch.Tensor:
         tile, alpha = self.tile, self.alpha
-        if self.tile_layout == "input":  # x (n, in, ...) -> (n, in/p, ...)
+        if self.combines_inputs:  # x (n, in, ...) -> (n, in/p, ...)
             x, alpha = tiling.combined_inputs(x, alpha, dim=-1 - len(self.kernel_size)), alpha.new_ones(1)
         return backends.conv(x, tile, alpha, self.bias, self.tile_geometry, self.backend, self.layer_name)
 

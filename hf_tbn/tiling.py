@@ -235,11 +235,11 @@ def combined_inputs(x: torch.Tensor, alpha: torch.Tensor, dim: int = -1) -> torc
     ``W_hat x = T (sum_i alpha_i x_i)``: the ``in/p``-wide result goes through the tile once.
     """
     dim = dim % x.dim()
-    p = alpha.numel()
-    trailing = (1,) * (x.dim() - dim - 1)
-    scale = (alpha if alpha.dtype == x.dtype else alpha.to(x.dtype)).view((p, 1, *trailing))
-    blocks = x.unflatten(dim, (p, -1))  # (..., p, in/p, ...)
-    return (blocks * scale).sum(dim)
+    p, lead = alpha.numel(), x.shape[:dim]
+    blocks = x.reshape(math.prod(lead), p, -1)  # (n, p, K): the p blocks of every leading index
+    scale = alpha if alpha.dtype == x.dtype else alpha.to(x.dtype)
+    y = torch.bmm(scale.expand(blocks.shape[0], 1, p), blocks)  # (n, 1, K): one batched product, no (n, p, K) temp
+    return y.view(*lead, x.shape[dim] // p, *x.shape[dim + 1 :])
 
 
 def check_alpha_finite(where: str, alpha_values: torch.Tensor) -> None:

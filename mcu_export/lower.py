@@ -189,7 +189,7 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> list[Op]:
             ops.append(ReluOp(name, "ReLU", in_shape, out_shape))
         elif isinstance(module, POOLS):
             ops.append(_pool_op(name, module, in_shape, out_shape))
-        elif isinstance(module, TBNLayer) and module.tile_layout == "input":
+        elif isinstance(module, TBNLayer) and module.combines_inputs:
             p = module.compression_factor
             combined = (in_shape[0] // p, *in_shape[1:])
             ops.append(CombineOp(name, f"combine(p={p})", in_shape, combined, module.alpha.detach().float().clone()))
@@ -295,7 +295,7 @@ def _weighted_op(name: str, module: nn.Module, in_shape: tuple[int, ...], out_sh
         raise ValueError(f"{name}: {kind} gets an input of shape {in_shape}; add a Flatten before a Linear layer")
     geometry = _conv_geometry(name, module, in_shape, out_shape) if is_conv else None
     bias = module.bias.detach().float().clone() if module.bias is not None else None
-    if isinstance(module, TBNLayer) and module.tile_layout == "input":  # the combined input through the whole tile
+    if isinstance(module, TBNLayer) and module.combines_inputs:  # the combined input through the whole tile
         rows = module.weight_shape[0]
         return WeightedOp(name, f"{kind}(p={module.compression_factor}, input layout)", in_shape, out_shape, rows, 1,
                           tile=_row_tile(module, rows), scale=torch.ones(1), bias=bias, geometry=geometry)

@@ -9,6 +9,10 @@ medians, ``ratio = dense / TBN`` (above 1: TBN is faster) beside the issue's tar
 0.7 p at M >= 16, 1.0 at M = 1), the torch path's ratio, and the packed output's error
 against the dense layer holding ``W_hat``.
 
+Part 1b, tile layouts: the packed forward of each ``tile_layout`` (docs/foundation.md) on the
+same shapes, timed in alternation: the input layout adds the alpha-weighted sum of its ``p``
+input blocks before its one tile product; ``ratio = output layout / input layout``.
+
 Part 2, output head: the tied embedding / head of SmolLM2 (49152 x 576; ``--quick``: 1024 x 64)
 as float32 ``F.linear`` against the compressed head (``hf_tbn.embeddings``: bfloat16, int8 per
 row, int4 per group of 32) on decode-size inputs, timed in alternation; ``ratio = fp32 / compressed``.
@@ -131,6 +135,31 @@ def layer_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int], rep
                         f"{med['dense'] / med[f'torch {p}']:>10.2f} {err:>8.1e}",
                         flush=True,
                     )
+
+
+def layout_table(quick: bool, ps: list[int], repeats: int) -> None:
+    from hf_tbn import TBNConv2d, TBNLinear
+
+    c_in, c_out, size = (32, 32, 8) if quick else (96, 96, 14)  # the ResNet demo's block convs
+    d_in, d_out = (64, 128) if quick else (576, 1536)
+
+    def build(kind: str, p: int, layout: str) -> nn.Module:
+        if kind == "conv":
+            return TBNConv2d(c_in, c_out, 3, padding=1, compression_factor=p, tile_layout=layout)
+        return TBNLinear(d_in, d_out, compression_factor=p, tile_layout=layout)
+
+    cases = [("conv", f"conv {c_in}->{c_out} 3x3 on {size}x{size}", torch.randn(n, c_in, size, size)) for n in (1, 32)]
+    cases += [("linear", f"linear {d_in}x{d_out}", torch.randn(m, d_in)) for m in (1, 16)]
+    print("\npacked forward by tile layout (backend auto), median ms; ratio = output / input layout")
+    print(f"{'layer':>28} {'batch':>5} {'p':>2} {'output ms':>9} {'input ms':>9} {'ratio':>6}")
+    for kind, name, x in cases:
+        for p in ps:
+            torch.manual_seed(0)
+            layers = {layout: build(kind, p, layout).pack() for layout in ("output", "input")}
+            with torch.no_grad():
+                med = side_by_side({k: lambda layer=layer, x=x: layer(x) for k, layer in layers.items()}, repeats)
+            print(f"{name:>28} {x.shape[0]:>5} {p:>2} {med['output'] * 1e3:>9.3f} {med['input'] * 1e3:>9.3f} "
+                  f"{med['output'] / med['input']:>6.2f}", flush=True)
 
 
 def head_table(rows: int, cols: int, ms: list[int], repeats: int) -> None:
@@ -460,6 +489,7 @@ def main() -> None:
           f"{args.threads} thread(s), median of {repeats} rounds")
     if not args.skip_layers:
         layer_table(shapes, ms, ps, repeats)
+        layout_table(args.quick, ps, repeats)
         head_table(*((1024, 64) if args.quick else (49152, 576)), [1, 4] if args.quick else [1, 4, 16], repeats)
     if not args.skip_compile:
         compiled_against_eager(args.quick, repeats)
