@@ -45,13 +45,14 @@ def test_quality_script_quick(tmp_path: Path, script: str, tasks: list[str], var
 
 def test_quality_fashion_mnist_seeds_quick(tmp_path: Path) -> None:
     """Several seeds give one row per chosen variant with the spread over the seeds, scored on the validation
-    split when asked; a bad variant (or one that needs a teacher, which this script's own loop has not) is
+    split when asked, with the tile layout asked for; a bad variant (or one that needs a teacher, which this script's own loop has not) is
     refused, and so is a learning rate for a variant that does not run."""
     stdout = run_script("quality_fashion_mnist.py", "--quick", "--out", str(tmp_path), "--tasks", "resnet",
-                        "--variants", "fp,8+warmup", "--seeds", "0,1", "--validation", "--lr", "1e-3,8+warmup=3e-3")
+                        "--variants", "fp,8+warmup", "--seeds", "0,1", "--validation", "--lr", "1e-3,8+warmup=3e-3",
+                        "--tile-layout", "input")
     check_published(tmp_path, stdout, ["fashion_mnist-resnet-validation"], 2)
     budget = json.loads((tmp_path / "results" / "fashion_mnist-resnet-validation.json").read_text())["budget"]
-    assert budget["lr"] == {"fp": 1e-3, "8+warmup": 3e-3}
+    assert budget["lr"] == {"fp": 1e-3, "8+warmup": 3e-3} and budget["tile_layout"] == "input"
     header, _, *rows = table_lines(stdout)
     assert "validation accuracy % std" in header and "worst seed" in header
     assert [row.split("|")[1].strip() for row in rows] == ["fp", "p=8+warmup"]
