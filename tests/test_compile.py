@@ -23,8 +23,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the Triton kernel module is first
 from hf_tbn.kernels import backends, ops  # noqa: E402
 
 
-def packed(model: nn.Module, backend: str = "auto", p: int = 4) -> nn.Module:
-    convert_model(model, TBNConfig(compression_factor=p, min_compress_size=0, backend=backend))
+def packed(model: nn.Module, backend: str = "auto", p: int = 4, layout: str = "output") -> nn.Module:
+    convert_model(model, TBNConfig(compression_factor=p, min_compress_size=0, backend=backend, tile_layout=layout))
     return pack_model(model).eval()
 
 
@@ -57,15 +57,16 @@ def test_gradients_through_the_op_match_the_torch_path() -> None:
 def small_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 5 * 5, 32), nn.ReLU(), nn.Linear(32, 8)
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 5 * 5, 32), nn.ReLU(), nn.Linear(32, 8)
     )
 
 
+@pytest.mark.parametrize("layout", ["output", "input"])
 @pytest.mark.parametrize("backend", ["auto", "torch", "native", "triton"])
-def test_packed_net_compiles_whole_with_gradients(backend: str) -> None:
-    """Forward and backward of convs and linears on each backend, one graph each way (aot_eager)."""
-    net = packed(small_net(), backend, p=2)
-    x = torch.randn(2, 8, 5, 5)
+def test_packed_net_compiles_whole_with_gradients(backend: str, layout: str) -> None:
+    """Forward and backward of convs and linears on each backend and tile layout, one graph each way (aot_eager)."""
+    net = packed(small_net(), backend, p=2, layout=layout)
+    x = torch.randn(2, 16, 5, 5)
     eager_x, compiled_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     expected = net(eager_x)
     expected.square().sum().backward()
