@@ -4,19 +4,23 @@ The TBN variants load through ``from_pretrained(..., quantization_config=TBNConf
 fine-tune with Trainer (quantization-aware training); all variants share data, budget and seeds.
 A variant is ``fp`` or ``P`` (TBN with p = P), optionally followed by ``+warmup`` (the dense-to-
 tiled warm-up of hf_tbn.qat) and ``+distill`` (DistillationTrainer, teacher: the fp variant
-fine-tuned with the same seed, so ``fp`` must come first). ``--validation`` scores on a
+fine-tuned with the same seed, so ``fp`` must come first; with ``--teacher-epochs E`` a separate fp
+model fine-tuned E epochs with the same seed, scored as its own row). ``--validation`` scores on a
 validation split taken from the training articles (for choosing settings; the test articles are
 not used at all), otherwise on the test split.
 
     .venv/bin/python scripts/quality_bbc.py                          # full budget, writes docs/
     .venv/bin/python scripts/quality_bbc.py --validation --variants fp,8,8+warmup --seeds 1
+    .venv/bin/python scripts/quality_bbc.py --variants 4+warmup+distill --teacher-epochs 6 --seeds 0,1,2
     .venv/bin/python scripts/quality_bbc.py --quick --out /tmp/q     # CI smoke run
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from results import (
@@ -41,6 +45,11 @@ from hf_tbn.demos.models import minilm_dir
 from hf_tbn.demos.train import accuracy, label_config, predict, tokenize
 from hf_tbn.embeddings import DEFAULT_GROUP_SIZE, compress_dense_modules
 
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from hf_tbn.distill import DistillConfig
+
 VARIANTS = "fp,1,2,4,8,16,4+warmup,8+warmup,16+warmup"
 QUICK_VARIANTS = "fp,4+warmup+distill"
 VALIDATION_FRACTION = 0.15
@@ -49,13 +58,16 @@ VALIDATION_FRACTION = 0.15
 def main() -> None:
     parser = quality_parser(__doc__)
     parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--teacher-epochs", type=float,
+                        help="the +distill teacher: a separate fp model fine-tuned this long (default: the fp row)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--max-length", type=int, default=64, help="tokens per article")
     parser.add_argument("--embedding-group-size", type=int, default=DEFAULT_GROUP_SIZE,
                         help="int4 group size of the compressed-embedding scores")
     add_variant_options(parser, VARIANTS)
     args = parser.parse_args()
-    plan = variant_plan(args, VARIANTS, QUICK_VARIANTS, fp_teacher=True)
+    plan = variant_plan(args, VARIANTS, QUICK_VARIANTS, fp_teacher=args.teacher_epochs is None)
+    own_teacher = args.teacher_epochs is not None and any(d for _, _, d in plan.parsed)
     variants, distill, seeds = plan.names, plan.distill, seeds_of(args)
     split_name = "validation" if args.validation else "test"
     metric = f"{split_name} accuracy %"
@@ -63,7 +75,8 @@ def main() -> None:
               "max_length": 32 if args.quick else args.max_length, "lr": args.lr,
               "scheduler": "linear, 10% warm-up", "seeds": seeds, "test_fraction": 0.2,
               "warmup": args.warmup, **layer_options(args), "int4 embedding group": args.embedding_group_size,
-              "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None}
+              "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None,
+              **({"teacher_epochs": args.teacher_epochs} if own_teacher else {})}
     if args.validation:
         budget["validation_fraction_of_train"] = VALIDATION_FRACTION
 
@@ -71,7 +84,8 @@ def main() -> None:
     names = data.features["label"].names
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     collate = DataCollatorWithPadding(tokenizer)
-    results: dict[str, list] = {v: [] for v in variants}
+    teacher_row = f"fp, {args.teacher_epochs:g} epochs (teacher)" if own_teacher else ""
+    results: dict[str, list] = {**({teacher_row: []} if own_teacher else {}), **{v: [] for v in variants}}
     for seed in seeds:
         train_idx, test_idx = split(len(data), budget["test_fraction"], seed)
         if args.validation:
@@ -83,22 +97,19 @@ def main() -> None:
                          for idx in (train_idx, test_idx))
         budget.update(train_articles=len(train), scored_articles=len(scored))
         teacher = None
+        if own_teacher:
+            teacher_epochs = 0.05 if args.quick else args.teacher_epochs
+            teacher, seconds = fine_tune(args, budget, (None, False, False), teacher_epochs, seed, train, names,
+                                         collate, distill, None)
+            acc = 100 * accuracy(predict(teacher, scored, collate), scored["labels"])
+            results[teacher_row].append(measure(teacher_row, teacher, {metric: acc}, seconds))
+            print(f"bbc teacher seed {seed}: {split_name} accuracy {acc:.2f}%  {seconds:.0f}s", flush=True)
         for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
-            torch.manual_seed(seed)  # the same classification head for every variant
-            tbn = TBNConfig(compression_factor=p, **layer_options(args)) if p is not None else None
-            extra = {} if tbn is None else {"quantization_config": tbn}
-            model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **label_config(names), **extra)
-            targs = TrainingArguments(
-                output_dir=trainer_output_dir(), num_train_epochs=budget["epochs"],
-                per_device_train_batch_size=budget["batch_size"], learning_rate=args.lr, warmup_steps=0.1,
-                lr_scheduler_type="linear", save_strategy="no", report_to="none", use_cpu=True, seed=seed,
-                data_seed=seed, logging_strategy="no", disable_tqdm=True,
-            )
-            seconds = train_variant((p, warmup, use_teacher), args.warmup, distill, teacher, model=model, args=targs,
-                                    train_dataset=train, data_collator=collate)
-            if p is None:
+            model, seconds = fine_tune(args, budget, (p, warmup, use_teacher), budget["epochs"], seed, train, names,
+                                       collate, distill, teacher)
+            if p is None and not own_teacher:
                 teacher = model
-            else:
+            elif p is not None:
                 pack_model(model)
             acc = 100 * accuracy(predict(model, scored, collate), scored["labels"])
             metrics = {metric: acc}
@@ -111,6 +122,26 @@ def main() -> None:
             last = seed == seeds[-1] and variant == variants[-1]
             publish_rows(args.validation, metric, budget, [over_seeds(r, metric, True) for r in results.values() if r],
                          args.out, last)
+
+
+def fine_tune(args: argparse.Namespace, budget: dict, variant: tuple[int | None, bool, bool], epochs: float,
+              seed: int, train: Dataset, names: list[str], collate: DataCollatorWithPadding, distill: DistillConfig,
+              teacher: torch.nn.Module | None) -> tuple[torch.nn.Module, float]:
+    """MiniLM with a head for ``names`` fine-tuned as ``variant`` (results.parse_variant) for ``epochs``;
+    returns (model, training seconds)."""
+    p = variant[0]
+    torch.manual_seed(seed)  # the same classification head for every variant
+    tbn = TBNConfig(compression_factor=p, **layer_options(args)) if p is not None else None
+    extra = {} if tbn is None else {"quantization_config": tbn}
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **label_config(names), **extra)
+    targs = TrainingArguments(
+        output_dir=trainer_output_dir(), num_train_epochs=epochs, per_device_train_batch_size=budget["batch_size"],
+        learning_rate=args.lr, warmup_steps=0.1, lr_scheduler_type="linear", save_strategy="no", report_to="none",
+        use_cpu=True, seed=seed, data_seed=seed, logging_strategy="no", disable_tqdm=True,
+    )
+    seconds = train_variant(variant, args.warmup, distill, teacher, model=model, args=targs, train_dataset=train,
+                            data_collator=collate)
+    return model, seconds
 
 
 def compressed_embedding_metrics(model: torch.nn.Module, scored, collate, split_name: str,

@@ -45,8 +45,8 @@ def test_quality_script_quick(tmp_path: Path, script: str, tasks: list[str], var
 
 def test_quality_fashion_mnist_seeds_quick(tmp_path: Path) -> None:
     """Several seeds give one row per chosen variant with the spread over the seeds, scored on the validation
-    split when asked, with the tile layout asked for; a bad variant (or one that needs a teacher, which this script's own loop has not) is
-    refused, and so is a learning rate for a variant that does not run."""
+    split when asked, with the tile layout asked for; a bad variant (or one that needs a teacher, which this
+    script's own loop has not) is refused, and so is a learning rate for a variant that does not run."""
     stdout = run_script("quality_fashion_mnist.py", "--quick", "--out", str(tmp_path), "--tasks", "resnet",
                         "--variants", "fp,8+warmup", "--seeds", "0,1", "--validation", "--lr", "1e-3,8+warmup=3e-3",
                         "--tile-layout", "input")
@@ -65,6 +65,16 @@ def test_quality_fashion_mnist_seeds_quick(tmp_path: Path) -> None:
         refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "quality_fashion_mnist.py"), *args],
                                  capture_output=True, text=True, timeout=120)
         assert refused.returncode != 0 and message in refused.stderr, (args, refused.stderr[-500:])
+
+
+def test_quality_bbc_own_teacher_quick(tmp_path: Path) -> None:
+    """--teacher-epochs: the +distill variants learn from a separate fp model trained that long, scored as its own
+    row and recorded in the budget; no fp variant is needed first."""
+    stdout = run_script("quality_bbc.py", "--quick", "--out", str(tmp_path), "--variants", "4+warmup+distill",
+                        "--teacher-epochs", "3")
+    task = json.loads((tmp_path / "results" / "bbc.json").read_text())
+    assert [row["variant"] for row in task["rows"]] == ["fp, 3 epochs (teacher)", "p=4+warmup+distill"]
+    assert task["budget"]["teacher_epochs"] == 3 and "bbc teacher seed 0" in stdout
 
 
 def test_quality_lm_quick(tmp_path: Path, smollm2_dir: Path) -> None:
