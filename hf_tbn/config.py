@@ -32,8 +32,8 @@ class TBNConfig(QuantizationConfigMixin):
         tile_layout: along which dimension the ``p`` copies of the tile lie: ``"output"`` (blocks of
             output rows, the paper's) or ``"input"`` (blocks of input columns or channels; better
             for convolutions followed by BatchNorm, which divides the output layout's scales out,
-            docs/quality.md). Both do 1/p of the multiply-adds; the input layout does not tile
-            grouped convolutions and the microcontroller exporter takes the output layout only.
+            docs/quality.md). Both do 1/p of the multiply-adds, on every backend and in the
+            microcontroller exporter; the input layout does not tile grouped convolutions.
         form: ``"latent"`` (trainable latent weights) or ``"packed"`` (tile bits + alphas).
         backend: packed-forward compute: ``"auto"`` (Triton on CUDA, the compiled CPU kernel on
             CPU), ``"torch"``, ``"native"`` (the compiled CPU kernel) or ``"triton"``. A runtime

@@ -62,10 +62,8 @@ class TiledViewOnLoad(ConversionOps):
         if name in self.quantizer._conv1d:
             tensor = tensor.t()  # Conv1D stores (in, out)
         config = self.quantizer.quantization_config
-        p = self.quantizer._factors[name]
-        latent = tiling.to_copies(tensor, p, config.tile_layout).contiguous()
-        alpha_param = config.alpha_param
-        return {key: latent, **{f"{name}.{k}": v for k, v in alpha_sources(latent, alpha_param).items()}}
+        latent = tiling.to_copies(tensor, self.quantizer._factors[name], config.tile_layout).contiguous()
+        return {key: latent, **{f"{name}.{k}": v for k, v in alpha_sources(latent, config.alpha_param).items()}}
 
 
 class TBNHfQuantizer(HfQuantizer):
