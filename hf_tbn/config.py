@@ -30,10 +30,11 @@ class TBNConfig(QuantizationConfigMixin):
             latent weight), ``"tensor"`` (mean |A_i| of a separate trainable tensor, the authors'
             default) or ``"scalars"`` (p trainable alphas). Packed checkpoints are the same for all.
         tile_layout: along which dimension the ``p`` copies of the tile lie: ``"output"`` (blocks of
-            output rows, the paper's) or ``"input"`` (blocks of input columns or channels; better
-            for convolutions followed by BatchNorm, which divides the output layout's scales out,
-            docs/quality.md). Both do 1/p of the multiply-adds, on every backend and in the
-            microcontroller exporter; the input layout does not tile grouped convolutions.
+            output rows, the paper's) or ``"input"`` (blocks of input columns or channels: better
+            for layers that read hidden channels and are followed by BatchNorm, which divides the
+            output layout's scales out; worse on structured inputs such as pixels, whose blocks it
+            superposes; docs/foundation.md). Both do 1/p of the multiply-adds, on every backend and
+            in the microcontroller exporter; the input layout does not tile grouped convolutions.
         form: ``"latent"`` (trainable latent weights) or ``"packed"`` (tile bits + alphas).
         backend: packed-forward compute: ``"auto"`` (Triton on CUDA, the compiled CPU kernel on
             CPU), ``"torch"``, ``"native"`` (the compiled CPU kernel) or ``"triton"``. A runtime
