@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import reference_tbn
 from test_distill import Tokens, targs
 from torch import nn
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification, Trainer
@@ -55,6 +56,17 @@ def test_blended_conv_forward() -> None:
     set_blend(nn.Sequential(layer), 0.25)
     w = layer.weight.detach().reshape(layer.weight_shape)
     expected = F.conv2d(x, 0.25 * literal_w_hat(w, 2) + 0.75 * w, layer.bias, padding=1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_blended_conv_forward_in_the_input_layout() -> None:
+    """The blend mixes W_hat with the dense latent weight in its logical place, whatever the tile layout."""
+    torch.manual_seed(2)
+    layer = TBNConv2d(8, 6, 3, padding=1, compression_factor=4, tile_layout="input")
+    x = torch.randn(2, 8, 5, 5)
+    set_blend(nn.Sequential(layer), 0.25)
+    w = torch.cat(list(layer.weight.detach()), dim=1)  # copy i holds input channels [2i, 2i + 2)
+    expected = F.conv2d(x, 0.25 * reference_tbn(w, 4, layout="input")[2] + 0.75 * w, layer.bias, padding=1)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
