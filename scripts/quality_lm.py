@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="blocks per step")
     parser.add_argument("--block", type=int, default=128, help="tokens per block")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (Trainer's; 0: none)")
     parser.add_argument("--eval-blocks", type=int, default=64)
     parser.add_argument("--eval-at", default="0.25,0.5", help="fractions of the run, besides its end, to score at")
     add_variant_options(parser, VARIANTS)
@@ -127,6 +128,7 @@ def main() -> None:
     checkpoints = sorted({max(1, round(float(f) * steps)) for f in args.eval_at.split(",") if f} - {steps})
     split_name = "validation" if args.validation else "held-out"
     budget = {"steps": steps, "batch_size": args.batch, "block_tokens": block, "lr": args.lr, "scheduler": "cosine",
+              **({"max_grad_norm": args.max_grad_norm} if args.max_grad_norm != 1.0 else {}),
               "optimizer": "AdamW", "seed": args.seed, "train_blocks": len(train), "eval_tokens": test.ids.numel(),
               "scored_on": split_name, "warmup": args.warmup, **layer_options(args),
               "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None}
@@ -139,7 +141,8 @@ def main() -> None:
         before = perplexity(model, test)
         targs = TrainingArguments(
             output_dir=trainer_output_dir(), max_steps=steps, per_device_train_batch_size=args.batch,
-            learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no",
+            learning_rate=args.lr, max_grad_norm=args.max_grad_norm, lr_scheduler_type="cosine", warmup_steps=0.05,
+            save_strategy="no",
             report_to="none", use_cpu=True, seed=args.seed, data_seed=args.seed, logging_steps=10,
             disable_tqdm=True,
         )
