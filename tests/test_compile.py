@@ -23,6 +23,13 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the Triton kernel module is first
 from hf_tbn.kernels import backends, ops  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> None:
+    """Each test compiles from scratch: the parametrized tests compile the same layer forwards, and dynamo's
+    per-code-object cache would otherwise reach its recompile limit (8) and fail a fullgraph compile."""
+    torch._dynamo.reset()
+
+
 def packed(model: nn.Module, backend: str = "auto", p: int = 4, layout: str = "output") -> nn.Module:
     convert_model(model, TBNConfig(compression_factor=p, min_compress_size=0, backend=backend, tile_layout=layout))
     return pack_model(model).eval()
