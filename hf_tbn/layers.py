@@ -121,6 +121,9 @@ class TBNLayer(nn.Module):
         self.input_width = weight_shape[1] * groups  # input features (linear) or channels (conv)
         self.tile_layout = tile_layout
         self.compression_factor = check_factor(compression_factor, weight_shape, self.layer_name, groups, tile_layout)
+        # the tile as a weight, (out/p, in, ...) or, in the input layout, (out, in/p, ...): fixed with the layer,
+        # and read by every packed forward (building it there would cost about 2 us a call)
+        self.tile_shape = tiling.tile_shape(self.weight_shape, self.compression_factor, tile_layout)
         self.alpha_mode = alpha_mode
         self.alpha_param = alpha_param
         self.backend = "auto"
@@ -148,11 +151,6 @@ class TBNLayer(nn.Module):
     def tile_length(self) -> int:
         """L = N / p."""
         return tiling.tile_length(self.numel, self.compression_factor)
-
-    @property
-    def tile_shape(self) -> torch.Size:
-        """The tile as a weight: ``(out/p, in, ...)`` or, in the input layout, ``(out, in/p, ...)``."""
-        return tiling.tile_shape(self.weight_shape, self.compression_factor, self.tile_layout)
 
     @property
     def combines_inputs(self) -> bool:

@@ -295,17 +295,15 @@ def _weighted_op(name: str, module: nn.Module, in_shape: tuple[int, ...], out_sh
         raise ValueError(f"{name}: {kind} gets an input of shape {in_shape}; add a Flatten before a Linear layer")
     geometry = _conv_geometry(name, module, in_shape, out_shape) if is_conv else None
     bias = module.bias.detach().float().clone() if module.bias is not None else None
-    if isinstance(module, TBNLayer) and module.combines_inputs:  # the combined input through the whole tile
-        rows = module.weight_shape[0]
-        return WeightedOp(name, f"{kind}(p={module.compression_factor}, input layout)", in_shape, out_shape, rows, 1,
-                          tile=_row_tile(module, rows), scale=torch.ones(1), bias=bias, geometry=geometry)
     if isinstance(module, TBNLayer):
-        p = module.compression_factor
-        rows = module.weight_shape[0] // p
+        p, rows, combined = module.compression_factor, module.tile_shape[0], module.combines_inputs
         if geometry is not None:
             geometry = Geometry(**{**geometry.__dict__, "out_c": rows})
-        return WeightedOp(name, f"{kind}(p={p})", in_shape, out_shape, rows, p, tile=_row_tile(module, rows),
-                          scale=module.alpha.detach().float().clone(), bias=bias, geometry=geometry)
+        # the input layout's tile takes the combined input (a CombineOp before it) as one p = 1 layer
+        label, copies = (f"{kind}(p={p}, input layout)", 1) if combined else (f"{kind}(p={p})", p)
+        scale = torch.ones(1) if combined else module.alpha.detach().float().clone()
+        return WeightedOp(name, label, in_shape, out_shape, rows, copies, tile=_row_tile(module, rows), scale=scale,
+                          bias=bias, geometry=geometry)
     return WeightedOp(name, kind, in_shape, out_shape, out_shape[0], 1, weight=module.weight.detach().float().clone(),
                       bias=bias, geometry=geometry)
 
