@@ -155,7 +155,8 @@ def tbn_from_dense(
         )
     if weight.device.type != "meta":
         with torch.no_grad():
-            layer._set_latent_state(tiling.to_copies(weight.detach(), p, tile_layout).clone(memory_format=torch.contiguous_format))
+            copies = tiling.to_copies(weight.detach(), p, tile_layout)
+            layer._set_latent_state(copies.clone(memory_format=torch.contiguous_format))
             if module.bias is not None:
                 layer.bias.copy_(module.bias)
     for param in (layer.weight, getattr(layer, "alpha_weight", None)):
