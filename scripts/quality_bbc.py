@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 from results import (
     Task,
+    add_lr_option,
     add_variant_options,
+    budget_rates,
     checkpoint_bytes,
     layer_options,
     measure,
@@ -36,6 +38,7 @@ from results import (
     train_variant,
     trainer_output_dir,
     variant_plan,
+    variant_rates,
 )
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
@@ -60,7 +63,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--teacher-epochs", type=float,
                         help="the +distill teacher: a separate fp model fine-tuned this long (default: the fp row)")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    add_lr_option(parser, "5e-4")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per article")
     parser.add_argument("--embedding-group-size", type=int, default=DEFAULT_GROUP_SIZE,
                         help="int4 group size of the compressed-embedding scores")
@@ -69,10 +72,11 @@ def main() -> None:
     plan = variant_plan(args, VARIANTS, QUICK_VARIANTS, fp_teacher=args.teacher_epochs is None)
     own_teacher = args.teacher_epochs is not None and any(d for _, _, d in plan.parsed)
     variants, distill, seeds = plan.names, plan.distill, seeds_of(args)
+    rates = variant_rates(parser, args.lr, variants + (["fp"] if own_teacher else []))  # the teacher is fp
     split_name = "validation" if args.validation else "test"
     metric = f"{split_name} accuracy %"
     budget = {"epochs": 0.05 if args.quick else args.epochs, "batch_size": 16,
-              "max_length": 32 if args.quick else args.max_length, "lr": args.lr,
+              "max_length": 32 if args.quick else args.max_length, "lr": budget_rates(rates),
               "scheduler": "linear, 10% warm-up", "seeds": seeds, "test_fraction": 0.2,
               "warmup": args.warmup, **layer_options(args), "int4 embedding group": args.embedding_group_size,
               "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None,
@@ -99,14 +103,14 @@ def main() -> None:
         teacher = None
         if own_teacher:
             teacher_epochs = 0.05 if args.quick else args.teacher_epochs
-            teacher, seconds = fine_tune(args, budget, (None, False, False), teacher_epochs, seed, train, names,
-                                         collate, distill, None)
+            teacher, seconds = fine_tune(args, budget, (None, False, False), rates["fp"],
+                                         teacher_epochs, seed, train, names, collate, distill, None)
             acc = 100 * accuracy(predict(teacher, scored, collate), scored["labels"])
             results[teacher_row].append(measure(teacher_row, teacher, {metric: acc}, seconds))
             print(f"bbc teacher seed {seed}: {split_name} accuracy {acc:.2f}%  {seconds:.0f}s", flush=True)
         for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
-            model, seconds = fine_tune(args, budget, (p, warmup, use_teacher), budget["epochs"], seed, train, names,
-                                       collate, distill, teacher)
+            model, seconds = fine_tune(args, budget, (p, warmup, use_teacher), rates[variant], budget["epochs"], seed,
+                                       train, names, collate, distill, teacher)
             if p is None and not own_teacher:
                 teacher = model
             elif p is not None:
@@ -124,10 +128,10 @@ def main() -> None:
                          args.out, last)
 
 
-def fine_tune(args: argparse.Namespace, budget: dict, variant: tuple[int | None, bool, bool], epochs: float,
-              seed: int, train: Dataset, names: list[str], collate: DataCollatorWithPadding, distill: DistillConfig,
-              teacher: torch.nn.Module | None) -> tuple[torch.nn.Module, float]:
-    """MiniLM with a head for ``names`` fine-tuned as ``variant`` (results.parse_variant) for ``epochs``;
+def fine_tune(args: argparse.Namespace, budget: dict, variant: tuple[int | None, bool, bool], lr: float,
+              epochs: float, seed: int, train: Dataset, names: list[str], collate: DataCollatorWithPadding,
+              distill: DistillConfig, teacher: torch.nn.Module | None) -> tuple[torch.nn.Module, float]:
+    """MiniLM with a head for ``names`` fine-tuned as ``variant`` (results.parse_variant) at ``lr`` for ``epochs``;
     returns (model, training seconds)."""
     p = variant[0]
     torch.manual_seed(seed)  # the same classification head for every variant
@@ -136,7 +140,7 @@ def fine_tune(args: argparse.Namespace, budget: dict, variant: tuple[int | None,
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), **label_config(names), **extra)
     targs = TrainingArguments(
         output_dir=trainer_output_dir(), num_train_epochs=epochs, per_device_train_batch_size=budget["batch_size"],
-        learning_rate=args.lr, warmup_steps=0.1, lr_scheduler_type="linear", save_strategy="no", report_to="none",
+        learning_rate=lr, warmup_steps=0.1, lr_scheduler_type="linear", save_strategy="no", report_to="none",
         use_cpu=True, seed=seed, data_seed=seed, logging_strategy="no", disable_tqdm=True,
     )
     seconds = train_variant(variant, args.warmup, distill, teacher, model=model, args=targs, train_dataset=train,

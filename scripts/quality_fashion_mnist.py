@@ -28,6 +28,8 @@ from results import (
     Row,
     Task,
     add_layer_options,
+    add_lr_option,
+    budget_rates,
     layer_options,
     measure,
     over_seeds,
@@ -35,6 +37,7 @@ from results import (
     publish,
     quality_parser,
     seeds_of,
+    variant_rates,
 )
 from torch import nn
 
@@ -87,39 +90,18 @@ def variant_list(text: str) -> list[str]:
     return variants
 
 
-def learning_rates(text: str) -> dict[str, float]:
-    """``--lr``: the Adam learning rate of every variant (``1e-3``), optionally followed by rates for some
-    variants (``1e-3,4=3e-3,8=3e-3``: each variant at its own rate, chosen with ``--validation``).
-    Returns ``{"": default, variant: rate, ...}``."""
-    rates: dict[str, float] = {}
-    for item in text.split(","):
-        variant, _, value = item.rpartition("=")
-        try:
-            rate = float(value)
-        except ValueError:
-            rate = 0.0
-        if rate <= 0 or variant in rates:
-            raise argparse.ArgumentTypeError(f"--lr item {item!r} in {text!r}: expected one positive LR, then "
-                                             "VARIANT=LR once per variant, e.g. 1e-3,4=3e-3")
-        rates[variant] = rate
-    if "" not in rates:
-        raise argparse.ArgumentTypeError(f"--lr {text!r}: start with the rate of the other variants, e.g. 1e-3,4=3e-3")
-    return rates
-
-
 def run_task(name: str, label: str, build: Callable[[], nn.Module], data: dict[str, torch.Tensor], epochs: int,
-             seeds: list[int], variants: list[str], lr: dict[str, float], schedule: str, warmup: float,
+             seeds: list[int], variants: list[str], rates: dict[str, float], schedule: str, warmup: float,
              options: dict[str, str], validation: bool, min_compress_size: int, fp_layers: list[str], out: Path,
              notes: str = "") -> None:
-    """Train every variant with every seed (at ``lr.get(variant, lr[""])``) and publish the rows after each
+    """Train every variant with every seed (at ``rates[variant]``) and publish the rows after each
     (``+warmup`` variants warm up over the fraction ``warmup`` of the steps, the others train plain); ``fp_layers``
     stay full precision in all TBN variants (the classifier head above all: tiled, its output blocks would be
     scaled copies of each other, i.e. classes that cannot be told apart). Per seed every variant starts from the
     same dense weights; ``options`` are the TBNConfig fields of :func:`results.layer_options`."""
     metric = f"{'validation' if validation else 'test'} accuracy %"
-    rates = {v: lr.get(v, lr[""]) for v in variants}
-    budget = {"epochs": epochs, "batch_size": 128, "optimizer": "Adam",
-              "lr": rates[variants[0]] if len(set(rates.values())) == 1 else rates, "lr schedule": schedule,
+    budget = {"epochs": epochs, "batch_size": 128, "optimizer": "Adam", "lr": budget_rates(rates),
+              "lr schedule": schedule,
               **({"seed": seeds[0]} if len(seeds) == 1 else {"seeds": seeds}),
               **({"warmup": warmup} if any("+warmup" in v for v in variants) else {}),
               **{k: v for k, v in options.items() if v != getattr(TBNConfig(), k)},
@@ -163,13 +145,10 @@ def main() -> None:
     parser.add_argument("--mlp-epochs", type=int, default=20)
     parser.add_argument("--cnn-epochs", type=int, default=10)
     parser.add_argument("--resnet-epochs", type=int, default=4)
-    parser.add_argument("--lr", type=learning_rates, default=learning_rates("1e-3"),
-                        help="Adam learning rate of every variant, then VARIANT=LR for variants at their own rate "
-                             "(e.g. 1e-3,4=3e-3)")
+    add_lr_option(parser, "1e-3")
     parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="lr over the run")
     args = parser.parse_args()
-    if unknown := sorted(set(args.lr) - {""} - set(args.variants)):
-        parser.error(f"--lr sets a rate for {', '.join(unknown)}, which --variants does not run")
+    rates = variant_rates(parser, args.lr, args.variants)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     x_train, y_train = load_fashion_mnist("train")
     x_test, y_test = load_fashion_mnist("test")
@@ -179,7 +158,7 @@ def main() -> None:
     if args.quick:
         x_train, y_train, x_test, y_test = x_train[:512], y_train[:512], x_test[:256], y_test[:256]
     data = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-    common = {"data": data, "seeds": seeds_of(args), "variants": args.variants, "lr": args.lr,
+    common = {"data": data, "seeds": seeds_of(args), "variants": args.variants, "rates": rates,
               "schedule": args.schedule, "warmup": args.warmup, "options": layer_options(args),
               "out": args.out,
               "validation": args.validation}

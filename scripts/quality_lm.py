@@ -5,7 +5,8 @@ conversion (no training) and after quantization-aware fine-tuning with Trainer; 
 full-precision model gets the same fine-tuning budget. Fortunes are shuffled with the seed and
 5% are held out; both splits are cut into blocks of ``--block`` tokens. Variants as in
 quality_bbc.py: ``fp``, ``P``, ``P+warmup``, ``P+distill`` (teacher: the pretrained checkpoint,
-hf_tbn.distill.load_teacher's default). The perplexity is also measured at the fractions
+hf_tbn.distill.load_teacher's default, or with ``--teacher fp`` the fp variant fine-tuned first,
+as BitDistill does). The perplexity is also measured at the fractions
 ``--eval-at`` of the run (a perplexity-against-tokens curve). ``--validation`` scores on blocks
 taken from the end of the training split instead of the held-out fortunes.
 
@@ -22,7 +23,9 @@ from pathlib import Path
 import torch
 from results import (
     Task,
+    add_lr_option,
     add_variant_options,
+    budget_rates,
     layer_options,
     measure,
     publish,
@@ -30,6 +33,7 @@ from results import (
     train_variant,
     trainer_output_dir,
     variant_plan,
+    variant_rates,
 )
 from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
@@ -43,7 +47,8 @@ QUICK_VARIANTS = "fp,4+distill"
 NOTES = ("'before' is the model as loaded (for TBN: right after conversion, no training); 'after N tokens': the same "
          "run scored part-way (its learning rate not yet annealed). Converted: every decoder Linear; the tied "
          "embeddings / lm_head stay full precision. +warmup: hf_tbn.qat.QuantizationWarmup; +distill: "
-         "hf_tbn.distill.DistillationTrainer, teacher = the pretrained checkpoint (docs/distillation.md).")
+         "hf_tbn.distill.DistillationTrainer, teacher = {teacher} (docs/distillation.md).")
+TEACHERS = {"pretrained": "the pretrained checkpoint", "fp": "the fp row's model after its fine-tuning"}
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -108,14 +113,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=4, help="blocks per step")
     parser.add_argument("--block", type=int, default=128, help="tokens per block")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    add_lr_option(parser, "5e-4")
+    parser.add_argument("--teacher", choices=tuple(TEACHERS), default="pretrained",
+                        help="+distill teacher: the pretrained checkpoint, or the fp variant after its fine-tuning")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (Trainer's; 0: none)")
     parser.add_argument("--eval-blocks", type=int, default=64)
     parser.add_argument("--eval-at", default="0.25,0.5", help="fractions of the run, besides its end, to score at")
     add_variant_options(parser, VARIANTS)
     args = parser.parse_args()
-    plan = variant_plan(args, VARIANTS, QUICK_VARIANTS, fp_teacher=False)
+    plan = variant_plan(args, VARIANTS, QUICK_VARIANTS, fp_teacher=args.teacher == "fp")
     variants, distill = plan.names, plan.distill
+    rates = variant_rates(parser, args.lr, variants)
     model_dir = smollm2_dir(args.cache)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     block = 32 if args.quick else args.block
@@ -127,13 +135,15 @@ def main() -> None:
     steps = 2 if args.quick else args.steps
     checkpoints = sorted({max(1, round(float(f) * steps)) for f in args.eval_at.split(",") if f} - {steps})
     split_name = "validation" if args.validation else "held-out"
-    budget = {"steps": steps, "batch_size": args.batch, "block_tokens": block, "lr": args.lr, "scheduler": "cosine",
+    budget = {"steps": steps, "batch_size": args.batch, "block_tokens": block, "lr": budget_rates(rates),
+              "scheduler": "cosine",
               **({"max_grad_norm": args.max_grad_norm} if args.max_grad_norm != 1.0 else {}),
               "optimizer": "AdamW", "seed": args.seed, "train_blocks": len(train), "eval_tokens": test.ids.numel(),
               "scored_on": split_name, "warmup": args.warmup, **layer_options(args),
-              "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None}
+              "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None,
+              **({"teacher": TEACHERS["fp"]} if args.teacher == "fp" else {})}
     tokens_per_step = args.batch * block
-    rows = []
+    rows, teacher = [], None
     for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
         tbn = TBNConfig(compression_factor=p, **layer_options(args)) if p is not None else None
         extra = {} if tbn is None else {"quantization_config": tbn}
@@ -141,13 +151,12 @@ def main() -> None:
         before = perplexity(model, test)
         targs = TrainingArguments(
             output_dir=trainer_output_dir(), max_steps=steps, per_device_train_batch_size=args.batch,
-            learning_rate=args.lr, max_grad_norm=args.max_grad_norm, lr_scheduler_type="cosine", warmup_steps=0.05,
-            save_strategy="no",
-            report_to="none", use_cpu=True, seed=args.seed, data_seed=args.seed, logging_steps=10,
-            disable_tqdm=True,
+            learning_rate=rates[variant], max_grad_norm=args.max_grad_norm,
+            lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no", report_to="none", use_cpu=True,
+            seed=args.seed, data_seed=args.seed, logging_steps=10, disable_tqdm=True,
         )
         curve = PerplexityAt(test, checkpoints)
-        seconds = train_variant((p, warmup, use_teacher), args.warmup, distill, model=model, args=targs,
+        seconds = train_variant((p, warmup, use_teacher), args.warmup, distill, teacher, model=model, args=targs,
                                 train_dataset=train, callbacks=[curve])
         if p is not None:
             pack_model(model)
@@ -158,10 +167,13 @@ def main() -> None:
         print(f"lm {variant}: ppl before {before:.1f} after {after:.1f} ({steps * tokens_per_step} tokens) "
               + " ".join(f"{s * tokens_per_step} tok {curve.curve[s]:.1f}" for s in checkpoints)
               + f" bits/weight {rows[-1].bits_converted:.3f} {seconds:.0f}s", flush=True)
+        if p is None and args.teacher == "fp":
+            teacher = model
         del model
         title = f"SmolLM2-135M on fortunes: {split_name} perplexity"
+        notes = NOTES.format(teacher=TEACHERS[args.teacher])
         publish(Task("lm-validation" if args.validation else "lm", title, "perplexity after fine-tuning", False,
-                     budget, rows, notes=NOTES), args.out, variant == variants[-1])
+                     budget, rows, notes=notes), args.out, variant == variants[-1])
 
 
 if __name__ == "__main__":

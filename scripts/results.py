@@ -109,6 +109,45 @@ def layer_options(args: argparse.Namespace) -> dict[str, str]:
     return {"alpha_param": args.alpha_param, "tile_layout": args.tile_layout}
 
 
+def learning_rates(text: str) -> dict[str, float]:
+    """``--lr``: the learning rate of every variant (``1e-3``), optionally followed by rates for some
+    variants (``1e-3,4=3e-3,fp=2.5e-4``: each variant at its own rate, chosen with ``--validation``).
+    Returns ``{"": default, variant: rate, ...}``."""
+    rates: dict[str, float] = {}
+    for item in text.split(","):
+        variant, _, value = item.rpartition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = 0.0
+        if rate <= 0 or variant in rates:
+            raise argparse.ArgumentTypeError(f"--lr item {item!r} in {text!r}: expected one positive LR, then "
+                                             "VARIANT=LR once per variant, e.g. 1e-3,4=3e-3")
+        rates[variant] = rate
+    if "" not in rates:
+        raise argparse.ArgumentTypeError(f"--lr {text!r}: start with the rate of the other variants, e.g. 1e-3,4=3e-3")
+    return rates
+
+
+def add_lr_option(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--lr`` parsed by :func:`learning_rates`."""
+    parser.add_argument("--lr", type=learning_rates, default=learning_rates(default),
+                        help=f"learning rate of every variant, then VARIANT=LR for variants at their own rate "
+                             f"(default {default}; e.g. 1e-3,4=3e-3)")
+
+
+def variant_rates(parser: argparse.ArgumentParser, lr: dict[str, float], variants: list[str]) -> dict[str, float]:
+    """Each variant's rate from ``--lr``; a rate for a variant that does not run is refused."""
+    if unknown := sorted(set(lr) - {""} - set(variants)):
+        parser.error(f"--lr sets a rate for {', '.join(unknown)}, which --variants does not run")
+    return {v: lr.get(v, lr[""]) for v in variants}
+
+
+def budget_rates(rates: dict[str, float]) -> float | dict[str, float]:
+    """The budget's ``lr``: one number when every variant shares it, else the rate of each."""
+    return next(iter(rates.values())) if len(set(rates.values())) == 1 else rates
+
+
 def add_variant_options(parser: argparse.ArgumentParser, default: str) -> None:
     """The options of the Trainer-based scripts: ``--variants`` (see :func:`parse_variant`), ``--validation``,
     the warm-up fraction, the distillation weights and ``--alpha-param``."""

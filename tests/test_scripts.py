@@ -78,8 +78,14 @@ def test_quality_bbc_own_teacher_quick(tmp_path: Path) -> None:
 
 
 def test_quality_lm_quick(tmp_path: Path, smollm2_dir: Path) -> None:
-    stdout = run_script("quality_lm.py", "--quick", "--out", str(tmp_path), "--cache", str(smollm2_dir))
+    """The +distill variant learns from the fp variant fine-tuned first (--teacher fp), each at its own rate."""
+    stdout = run_script("quality_lm.py", "--quick", "--out", str(tmp_path), "--cache", str(smollm2_dir),
+                        "--teacher", "fp", "--lr", "1e-3,fp=2e-4")
     check_published(tmp_path, stdout, ["lm"], 2)
+    task = json.loads((tmp_path / "results" / "lm.json").read_text())
+    assert task["budget"]["lr"] == {"fp": 2e-4, "4+distill": 1e-3}
+    assert task["budget"]["teacher"] == "the fp row's model after its fine-tuning"
+    assert "teacher = the fp row's model" in (tmp_path / "results.md").read_text()
 
 
 def test_quality_lm_scratch_quick(tmp_path: Path) -> None:
