@@ -70,7 +70,7 @@ def main() -> None:
     add_variant_options(parser, VARIANTS)
     args = parser.parse_args()
     plan = variant_plan(args, VARIANTS, QUICK_VARIANTS, fp_teacher=args.teacher_epochs is None)
-    own_teacher = args.teacher_epochs is not None and any(d for _, _, d in plan.parsed)
+    own_teacher = args.teacher_epochs is not None and plan.distills
     variants, distill, seeds = plan.names, plan.distill, seeds_of(args)
     rates = variant_rates(parser, args.lr, variants + (["fp"] if own_teacher else []))  # the teacher is fp
     split_name = "validation" if args.validation else "test"
@@ -79,7 +79,7 @@ def main() -> None:
               "max_length": 32 if args.quick else args.max_length, "lr": budget_rates(rates),
               "scheduler": "linear, 10% warm-up", "seeds": seeds, "test_fraction": 0.2,
               "warmup": args.warmup, **layer_options(args), "int4 embedding group": args.embedding_group_size,
-              "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None,
+              "distill": vars(distill) if plan.distills else None,
               **({"teacher_epochs": args.teacher_epochs} if own_teacher else {})}
     if args.validation:
         budget["validation_fraction_of_train"] = VALIDATION_FRACTION

@@ -140,7 +140,7 @@ def main() -> None:
               **({"max_grad_norm": args.max_grad_norm} if args.max_grad_norm != 1.0 else {}),
               "optimizer": "AdamW", "seed": args.seed, "train_blocks": len(train), "eval_tokens": test.ids.numel(),
               "scored_on": split_name, "warmup": args.warmup, **layer_options(args),
-              "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None,
+              "distill": vars(distill) if plan.distills else None,
               **({"teacher": TEACHERS["fp"]} if args.teacher == "fp" else {})}
     tokens_per_step = args.batch * block
     rows, teacher = [], None

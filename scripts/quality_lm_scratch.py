@@ -79,7 +79,7 @@ def main() -> None:
     budget = {"layers": layers, "hidden": HIDDEN, "vocab": 256, "steps": steps, "batch_size": args.batch,
               "block_bytes": block, "lr": args.lr, "scheduler": "cosine, 5% warm-up", "optimizer": "AdamW",
               "seeds": seeds, "scored_on": split_name, "warmup": args.warmup,
-              "distill": vars(distill) if any(d for _, _, d in plan.parsed) else None}
+              "distill": vars(distill) if plan.distills else None}
     results: dict[str, list] = {v: [] for v in variants}
     for seed in seeds:
         train, test = fortunes(encode_bytes, block, seed)

@@ -170,6 +170,11 @@ class VariantPlan:
     parsed: list[tuple[int | None, bool, bool]]  # parse_variant of each
     distill: DistillConfig  # every field from its option
 
+    @property
+    def distills(self) -> bool:
+        """Whether a variant learns from a teacher (+distill)."""
+        return any(distill for _, _, distill in self.parsed)
+
 
 def variant_plan(args: argparse.Namespace, default: str, quick_default: str, fp_teacher: bool) -> VariantPlan:
     """The variants ``--variants`` (else the default, or the quick one) names, parsed, with their distillation
