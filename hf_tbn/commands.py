@@ -262,7 +262,7 @@ def train(args: argparse.Namespace) -> int:
     resume = training.resume_from_checkpoint
     if own.resume and resume is None:
         resume = get_last_checkpoint(checkpoints) if checkpoints.is_dir() else None
-        if resume is None:
+        if resume is None and not own.teacher_fine_tune:  # with it: QAT starts again from the saved teacher
             raise UserError(f"--resume: no checkpoint-* folder in {checkpoints}")
 
     train_set, eval_set = qat.load_data(data, own, training.seed)
@@ -272,11 +272,15 @@ def train(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(src)
     label_column, names = (own.label_column, qat.model_labels(model)) if classify else (None, None)
     if distill is not None:
-        qat.check_teacher(src, own.teacher, names)
+        qat.check_teacher(src, own.teacher, names, own.teacher_fine_tune)
     train_set, eval_set = (None if d is None else qat.tokenize(d, tokenizer, own.max_length, own.text_column,
                                                               label_column, names) for d in (train_set, eval_set))
     existed = checkpoints.exists()
-    trainer = qat.make_trainer(model, training, own.task, tokenizer, train_set, eval_set, distill, own.teacher,
+    teacher = own.teacher
+    if own.teacher_fine_tune:
+        teacher = str(qat.fine_tune_teacher(src, own.task, training, own.teacher_learning_rate, tokenizer,
+                                            train_set, eval_set, names))
+    trainer = qat.make_trainer(model, training, own.task, tokenizer, train_set, eval_set, distill, teacher,
                                own.warmup)
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -285,7 +289,7 @@ def train(args: argparse.Namespace) -> int:
             checkpoints.rmdir()  # nothing was saved: leave no empty folder behind
     metrics = qat.evaluate(trainer, own.task) if eval_set is not None else None
     if metrics:
-        print("evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        print(f"evaluation: {qat.metrics_line(metrics)}")
     if own.pack:
         pack_layers(model)
     task = "text-classification" if classify else "text-generation"

@@ -269,6 +269,8 @@ def test_train_resume_continues_the_last_checkpoint(fp_folder: Path, reviews: Pa
 
 def test_train_causal_lm_from_jsonl_reports_perplexity(tmp_path: Path, minilm_dir: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A language model distilled from itself fine-tuned first (the recipe of docs/distillation.md): the
+    teacher's and the student's evaluations are printed, with perplexity."""
     src = tmp_path / "lm"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -277,11 +279,14 @@ def test_train_causal_lm_from_jsonl_reports_perplexity(tmp_path: Path, minilm_di
     data = tmp_path / "lines.jsonl"
     data.write_text("".join(json.dumps({"text": f"line {i} comes after line {i - 1}"}) + "\n" for i in range(30)))
     assert main(["train", str(src), str(data), str(tmp_path / "out"), "--task", "causal-lm", "--max_steps", "2",
-                 "--min-compress-size", "0", "--activation_checkpointing", "--save_strategy", "no"]) == 0
+                 "--min-compress-size", "0", "--activation_checkpointing", "--save_strategy", "no",
+                 "--distill", "--teacher_fine_tune", "--task_weight", "0"]) == 0
     metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-5)
     assert list(tbn_layers(AutoModelForCausalLM.from_pretrained(tmp_path / "out")))
-    assert "eval_perplexity" in capsys.readouterr().out
+    assert not list(tbn_layers(AutoModelForCausalLM.from_pretrained(tmp_path / "out-checkpoints" / "teacher")))
+    printed = capsys.readouterr().out
+    assert "teacher evaluation: " in printed and printed.count("eval_perplexity") == 2
 
 
 def test_train_warmup_option_overrides_the_models_fraction(fp_folder: Path, reviews: Path, tmp_path: Path,

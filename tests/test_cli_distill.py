@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,11 @@ from transformers import AutoModelForSequenceClassification, Trainer
 from hf_tbn.cli import main
 from hf_tbn.demos.train import label_config
 from hf_tbn.distill import DistillationTrainer, DistillConfig
+from hf_tbn.qat import TBNTrainer
 
 # 4 steps: the KL weight is 0 for the first quarter, then rises over the next half to 0.5.
 SCHEDULE = ["--kl_weight", "0.5", "--kl_start", "0.25", "--kl_ramp", "0.5", "--temperature", "2"]
+COMMON_RATE = 5e-4  # hf-tbn train's default learning rate
 COMMON = ["--min-compress-size", "0", "--per_device_train_batch_size", "4", "--eval_fraction", "0",
           "--logging_steps", "1", "--save_steps", "2", "--max_steps", "4"]
 
@@ -36,14 +39,27 @@ def teacher_fp(tmp_path_factory: pytest.TempPathFactory, fp_folder: Path) -> Pat
     return classifier(fp_folder, tmp_path_factory.mktemp("teacher") / "fp", ["neg", "pos"])
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What one ``Trainer.train`` call of the CLI ran: class, distillation settings, teacher, rate, resume."""
+
+    cls: type
+    distill: DistillConfig | None = None
+    teacher: str | None = None
+    learning_rate: float = COMMON_RATE
+    resume: object = None
+
+
 @pytest.fixture
-def trainers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[type, DistillConfig | None, object]]:
-    """(class, distillation settings, checkpoint resumed from) of every Trainer the CLI trains."""
-    seen: list[tuple[type, DistillConfig | None, object]] = []
+def trainers(monkeypatch: pytest.MonkeyPatch) -> list[Trained]:
+    """Every Trainer the CLI trains, in order."""
+    seen: list[Trained] = []
     train = Trainer.train
 
     def recording_train(self: Trainer, resume_from_checkpoint: str | None = None, **kwargs: object) -> object:
-        seen.append((type(self), getattr(self, "distill", None), resume_from_checkpoint))
+        teacher = getattr(self, "teacher", None)
+        seen.append(Trained(type(self), getattr(self, "distill", None), teacher and teacher.name_or_path,
+                            self.args.learning_rate, resume_from_checkpoint))
         return train(self, resume_from_checkpoint, **kwargs)
 
     monkeypatch.setattr(Trainer, "train", recording_train)
@@ -52,13 +68,13 @@ def trainers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[type, DistillConfig 
 
 def test_distill_trains_with_the_teacher_loss_and_resumes_exactly(
         teacher_fp: Path, reviews: Path, tmp_path: Path,  # noqa: F811
-        trainers: list[tuple[type, DistillConfig | None, object]]) -> None:
+        trainers: list[Trained]) -> None:
     """SRC is the teacher (no --teacher): the logged loss is task + w_kl * KL on the schedule asked for, and a
     run resumed half-way writes the same weights as the uninterrupted one."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert main(["train", str(teacher_fp), str(reviews), str(whole), "--distill", *SCHEDULE, *COMMON]) == 0
     config = DistillConfig(kl_weight=0.5, kl_start=0.25, kl_ramp=0.5, temperature=2.0)
-    assert trainers == [(DistillationTrainer, config, None)]
+    assert trainers == [Trained(DistillationTrainer, config, str(teacher_fp))]
 
     state = json.loads((tmp_path / "whole-checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     steps = [entry for entry in state["log_history"] if "loss" in entry]
@@ -72,7 +88,8 @@ def test_distill_trains_with_the_teacher_loss_and_resumes_exactly(
     shutil.copytree(tmp_path / "whole-checkpoints" / "checkpoint-2", tmp_path / "resumed-checkpoints" / "checkpoint-2")
     assert main(["train", str(teacher_fp), str(reviews), str(resumed), "--distill", "--resume", *SCHEDULE,
                  *COMMON]) == 0
-    assert trainers[1] == (DistillationTrainer, config, str(tmp_path / "resumed-checkpoints" / "checkpoint-2"))
+    assert trainers[1] == Trained(DistillationTrainer, config, str(teacher_fp),
+                                  resume=str(tmp_path / "resumed-checkpoints" / "checkpoint-2"))
     first, second = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert first.keys() == second.keys()
     for name in first:
@@ -80,13 +97,41 @@ def test_distill_trains_with_the_teacher_loss_and_resumes_exactly(
 
 
 def test_an_explicit_teacher_is_used(fp_folder: Path, teacher_fp: Path, reviews: Path, tmp_path: Path,  # noqa: F811
-                                     trainers: list[tuple[type, DistillConfig | None, object]]) -> None:
+                                     trainers: list[Trained]) -> None:
     """A base classifier with an unnamed head distils from the --teacher given, not from itself."""
     out = tmp_path / "out"
     assert main(["train", str(fp_folder), str(reviews), str(out), "--distill", "--teacher", str(teacher_fp),
                  "--save_strategy", "no", *COMMON]) == 0
-    assert [cls for cls, _, _ in trainers] == [DistillationTrainer]
+    assert trainers == [Trained(DistillationTrainer, DistillConfig(), str(teacher_fp))]
     assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_teacher_fine_tune_trains_the_teacher_first_and_resumes_exactly(
+        fp_folder: Path, reviews: Path, tmp_path: Path, trainers: list[Trained]) -> None:  # noqa: F811
+    """A base model with an unnamed head: --teacher_fine_tune fine-tunes it in full precision at its own rate,
+    saves it in the checkpoints folder and distils from it; a resumed run reuses that teacher and writes the
+    same weights as the uninterrupted one."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    options = ["--distill", "--teacher_fine_tune", "--teacher_learning_rate", "1e-3", *COMMON]
+    assert main(["train", str(fp_folder), str(reviews), str(whole), *options]) == 0
+    teacher = tmp_path / "whole-checkpoints" / "teacher"
+    assert trainers == [Trained(TBNTrainer, learning_rate=1e-3), Trained(DistillationTrainer, DistillConfig(),
+                                                                         str(teacher))]
+    tuned = AutoModelForSequenceClassification.from_pretrained(teacher)
+    assert tuned.config.id2label == {0: "neg", 1: "pos"} and "quantization_config" not in tuned.config.to_dict()
+    source = load_file(fp_folder / "model.safetensors")
+    assert any(not torch.equal(source[name], value) for name, value in tuned.state_dict().items() if name in source)
+    assert (teacher / "tokenizer.json").is_file() and not teacher.with_name("teacher.partial").exists()
+
+    (tmp_path / "resumed-checkpoints").mkdir()
+    for folder in ("checkpoint-2", "teacher"):
+        shutil.copytree(tmp_path / "whole-checkpoints" / folder, tmp_path / "resumed-checkpoints" / folder)
+    assert main(["train", str(fp_folder), str(reviews), str(resumed), "--resume", *options]) == 0
+    assert trainers[2:] == [Trained(DistillationTrainer, DistillConfig(), str(tmp_path / "resumed-checkpoints" /
+                                    "teacher"), resume=str(tmp_path / "resumed-checkpoints" / "checkpoint-2"))]
+    first, second = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -101,6 +146,12 @@ def test_an_explicit_teacher_is_used(fp_folder: Path, teacher_fp: Path, reviews:
         (["{fp}", "--teacher", "{teacher}"], "--teacher is an option of --distill"),
         (["{teacher}", "--distill", "--temperature", "0"], "temperature must be positive"),
         (["{teacher}", "--distill", "--teacher", "{tmp}"], "the output would write over the input {tmp}"),
+        (["{fp}", "--distill", "--teacher_fine_tune", "--teacher", "{teacher}"],
+         "--teacher {teacher} and --teacher_fine_tune: give one"),
+        (["{teacher}", "--teacher_fine_tune"], "--teacher_fine_tune is an option of --distill"),
+        (["{teacher}", "--distill", "--teacher_learning_rate", "1e-4"],
+         "--teacher_learning_rate is an option of --teacher_fine_tune, which is not given"),
+        (["{tbn}", "--distill", "--teacher_fine_tune"], "{tbn} is already TBN, so it cannot be fine-tuned into the"),
     ],
 )
 def test_distill_refusals_are_one_line_errors(fp_folder: Path, teacher_fp: Path, reviews: Path,  # noqa: F811

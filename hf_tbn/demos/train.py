@@ -7,7 +7,9 @@ form (docs/huggingface.md, "Train (quantization-aware training)").
 
 from __future__ import annotations
 
+import copy
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -25,7 +27,9 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
+from transformers.trainer_utils import SaveStrategy
 
 from hf_tbn import TBNConfig, to_latent_model
 from hf_tbn.distill import NUMBER_FIELDS, DistillationTrainer, DistillConfig
@@ -37,6 +41,8 @@ TASKS: tuple[str, ...] = get_args(Task)
 # TrainingArguments defaults for QAT that differ from transformers' own: the latent weights
 # need a larger learning rate than full-precision fine-tuning (docs/quality.md).
 QAT_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "warmup_steps": 0.1, "lr_scheduler_type": "linear"}
+# Where --teacher_fine_tune's teacher is saved, inside the checkpoints folder (TrainingArguments.output_dir).
+TEACHER_FOLDER = "teacher"
 # load_dataset builder of each data file suffix.
 BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -62,7 +68,12 @@ class TrainArguments:
         "help": "add distillation from a full-precision teacher to the loss (docs/distillation.md)"})
     teacher: str | None = field(default=None, metadata={
         "help": "--distill's teacher, a full-precision folder or Hub id; unset: SRC before conversion "
-                "(a TBN SRC or a new classification head needs one)"})
+                "(a TBN SRC or a new classification head needs one, or --teacher_fine_tune)"})
+    teacher_fine_tune: bool = field(default=False, metadata={
+        "help": "--distill: first fine-tune SRC in full precision on DATA with the same budget and distil from "
+                f"it (BitDistill's first stage); saved as OUTPUT_DIR/{TEACHER_FOLDER}, reused by --resume"})
+    teacher_learning_rate: float | None = field(default=None, metadata={
+        "help": "--teacher_fine_tune: its learning rate (unset: --learning_rate)"})
     # DistillConfig's fields, with its defaults (hidden_layers keeps its own: every layer).
     kl_weight: float = field(default=DistillConfig.kl_weight, metadata={"help": "--distill: final KL weight"})
     temperature: float = field(default=DistillConfig.temperature, metadata={"help": "--distill: KL temperature"})
@@ -80,20 +91,27 @@ def distill_config(args: TrainArguments) -> DistillConfig | None:
     """The distillation settings of ``args.distill``; None without it, when its options must keep their defaults."""
     given = {name: getattr(args, name) for name in NUMBER_FIELDS}  # each a TrainArguments field
     if args.distill:
+        if args.teacher_fine_tune and args.teacher is not None:
+            raise ValueError(f"--teacher {args.teacher} and --teacher_fine_tune: give one (the teacher is either "
+                             "that model or SRC fine-tuned first)")
+        if args.teacher_learning_rate is not None and not args.teacher_fine_tune:
+            raise ValueError("--teacher_learning_rate is an option of --teacher_fine_tune, which is not given")
         return DistillConfig(**given)
     unused = [name for name, value in given.items() if value != getattr(DistillConfig, name)]
-    unused += ["teacher"] if args.teacher is not None else []
+    unused += [name for name in ("teacher", "teacher_fine_tune", "teacher_learning_rate")
+               if getattr(args, name) not in (None, False)]
     if unused:
         raise ValueError(f"--{unused[0]} is an option of --distill, which is not given")
     return None
 
 
-def check_teacher(src: Path, teacher: str | None, labels: list[str] | None) -> None:
+def check_teacher(src: Path, teacher: str | None, labels: list[str] | None, fine_tune: bool = False) -> None:
     """Refuse a ``--distill`` teacher that would teach noise, before it is loaded.
 
-    Without ``teacher`` the teacher is ``src`` before conversion (:func:`hf_tbn.distill.load_teacher`):
-    ``src`` must be full precision and, for classification (``labels``: the student's classes in id
-    order), a classifier of exactly these classes, since a new head is untrained. A given teacher
+    Without ``teacher`` the teacher is ``src`` before conversion (:func:`hf_tbn.distill.load_teacher`),
+    or with ``fine_tune`` ``src`` fine-tuned first (:func:`fine_tune_teacher`): ``src`` must be full
+    precision and, without ``fine_tune``, for classification (``labels``: the student's classes in id
+    order) a classifier of exactly these classes, since a new head is untrained. A given teacher
     must name the student's classes in the same order (or leave them unnamed, ``LABEL_i``).
     """
     source = str(src) if teacher is None else teacher
@@ -102,17 +120,49 @@ def check_teacher(src: Path, teacher: str | None, labels: list[str] | None) -> N
     except OSError as e:
         raise ValueError(f"--teacher {source}: {str(e).splitlines()[0]}") from None
     if teacher is None and getattr(config, "quantization_config", None) is not None:
-        raise ValueError(f"--distill: {src} is already TBN, so it cannot be the teacher; pass --teacher, "
+        role = "be fine-tuned into the teacher" if fine_tune else "be the teacher"
+        raise ValueError(f"--distill: {src} is already TBN, so it cannot {role}; pass --teacher, "
                          "a full-precision model (folder or Hub id) of the same architecture")
-    if labels is None:
+    if labels is None or fine_tune:
         return
     names = [config.id2label[i] for i in range(config.num_labels)]
     if teacher is None and names != labels:
         raise ValueError(f"--distill: {src}'s classification head is not trained on the data's classes {labels} "
-                         f"(it has {names}), so it would teach noise; fine-tune a full-precision classifier "
-                         "on the data first and pass it with --teacher")
+                         f"(it has {names}), so it would teach noise; add --teacher_fine_tune, or pass a "
+                         "full-precision classifier fine-tuned on the data with --teacher")
     if names != labels and names != [f"LABEL_{i}" for i in range(len(labels))]:
         raise ValueError(f"--teacher {teacher}: its classes {names} are not the student's {labels} in this order")
+
+
+def fine_tune_teacher(src: Path, task: str, args: TrainingArguments, learning_rate: float | None,
+                      tokenizer: PreTrainedTokenizerBase, train: Dataset, evaluation: Dataset | None = None,
+                      labels: list[str] | None = None) -> Path:
+    """``src`` fine-tuned in full precision on ``train`` with ``args``' budget: ``--teacher_fine_tune``'s teacher.
+
+    BitDistill's first stage: a teacher fitted to the task teaches better than the checkpoint before
+    conversion, and a new classification head has to be trained first (docs/distillation.md). The
+    learning rate is ``learning_rate`` (None: ``args.learning_rate``). Saved, with ``tokenizer``, as
+    ``args.output_dir/teacher`` once done; a saved one is reused, so ``--resume`` distils from the same teacher.
+    """
+    folder = Path(args.output_dir) / TEACHER_FOLDER
+    if folder.is_dir():
+        return folder
+    staging = folder.with_name(f"{TEACHER_FOLDER}.partial")  # an interrupted fine-tune leaves only this
+    shutil.rmtree(staging, ignore_errors=True)
+    teacher_args = copy.copy(args)
+    teacher_args.output_dir, teacher_args.save_strategy = str(staging), SaveStrategy.NO
+    if learning_rate is not None:
+        teacher_args.learning_rate = learning_rate
+    set_seed(args.seed)  # a new head starts the same in every run
+    model = load_for_training(src, task, None, labels)
+    trainer = make_trainer(model, teacher_args, task, tokenizer, train, evaluation)
+    trainer.train()
+    if evaluation is not None:
+        print(f"teacher evaluation: {metrics_line(evaluate(trainer, task))}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(folder)
+    return folder
 
 
 def load_data(data: Path, args: TrainArguments, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -249,6 +299,11 @@ def evaluate(trainer: Trainer, task: str) -> dict[str, float]:
     if check_task(task) == "causal-lm":
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))  # 700: exp stays finite
     return metrics
+
+
+def metrics_line(metrics: dict[str, Any]) -> str:
+    """The float metrics as ``name value, ...`` (4 significant digits)."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
 
 
 @torch.no_grad()
