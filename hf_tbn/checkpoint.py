@@ -1,7 +1,7 @@
 """The TBN checkpoint format, and its check against the layers it must fill before any weight loads.
 
-Format (``hf_tbn_format`` "2" in the safetensors metadata; docs/huggingface.md). Per converted
-layer ``X``, besides ``X.bias``:
+Format (``hf_tbn_format`` "2" and the tile layout, :data:`LAYOUT_KEY`, in the safetensors metadata;
+docs/huggingface.md). Per converted layer ``X``, besides ``X.bias``:
 
 - packed: ``X.weight`` holds the tile bits (uint8, ``(ceil(N/p/8),)``) and ``X.alpha`` the ``p`` alphas;
 - latent: ``X.weight`` holds the latent weight as its ``p`` copies ``(p, *tile_shape)`` (``(p, out/p, in, ...)``, or
@@ -39,6 +39,9 @@ FORMAT_VERSION = "2"
 # A one-byte tensor every TBN checkpoint carries: transformers without hf_tbn lists it, and so says what to do.
 NEEDS_HF_TBN = "this checkpoint needs hf-tbn: pip install hf-tbn, then import hf_tbn before from_pretrained"
 FLOATS = ("F32", "F16", "BF16", "F64")
+# safetensors metadata key recording the tile layout the checkpoint was written with: a packed tile has the same
+# shape in both layouts, so only this tells a config.json relabelled with the other layout.
+LAYOUT_KEY = "hf_tbn_tile_layout"
 
 # key -> (shape, dtype name as safetensors writes it, e.g. "F32", "U8")
 Header = dict[str, tuple[tuple[int, ...], str]]
@@ -78,6 +81,19 @@ def read_header(files: Sequence[str | Path]) -> Header:
     return header
 
 
+def check_saved_layout(files: Sequence[str | Path], layout: str) -> None:
+    """Refuse safetensors ``files`` written with another tile layout than config.json's ``layout`` (older
+    checkpoints do not record it: not checked)."""
+    for file in files:
+        if not str(file).endswith(".safetensors"):
+            continue
+        with safe_open(str(file), "pt") as f:
+            saved = (f.metadata() or {}).get(LAYOUT_KEY)
+        if saved is not None and saved != layout:
+            raise ValueError(f"{file}: written with tile_layout {saved!r}, but config.json's quantization_config "
+                             f"says {layout!r}; the tiles would fill the weights in the wrong places")
+
+
 def read_tensors(files: Sequence[str | Path], keys: set[str]) -> dict[str, torch.Tensor]:
     """The tensors ``keys`` (small ones: the alphas) from whichever of ``files`` holds them."""
     found: dict[str, torch.Tensor] = {}
@@ -111,6 +127,8 @@ def checkpoint_forms(
         return dict.fromkeys(plan, "latent")
     header = model_keyed(model, read_header(files))
     _refuse_unlisted_layers(model, plan, header)
+    if pre_quantized:
+        check_saved_layout(files, config.tile_layout)
     forms: dict[str, str | None] = {}
     alpha_keys: set[str] = set()
     for name, p in plan.items():

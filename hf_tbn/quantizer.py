@@ -30,7 +30,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 
 from . import tiling
-from .checkpoint import FORMAT_VERSION, NEEDS_HF_TBN, checkpoint_forms, checkpoint_state_dict
+from .checkpoint import FORMAT_VERSION, LAYOUT_KEY, NEEDS_HF_TBN, checkpoint_forms, checkpoint_state_dict
 from .config import QUANT_METHOD, TBNConfig
 from .convert import convert_model, plan_conversion, relative_name, set_backend, set_form, tbn_layers
 from .embeddings import compress_dense_modules, decompress_dense_modules, init_compressed_modules
@@ -120,8 +120,10 @@ class TBNHfQuantizer(HfQuantizer):
         return [WeightRenaming(rf"(?<![^.]){re.escape(name)}\.weight$", f"{name}.tile") for name in self._packed]
 
     def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The checkpoint: packed tiles under ``weight``, the hf_tbn version and format in the safetensors metadata."""
-        metadata = {"hf_tbn_version": version(), "hf_tbn_format": FORMAT_VERSION}
+        """The checkpoint: packed tiles under ``weight``; the hf_tbn version, format and tile layout in the
+        safetensors metadata."""
+        metadata = {"hf_tbn_version": version(), "hf_tbn_format": FORMAT_VERSION,
+                    LAYOUT_KEY: self.quantization_config.tile_layout}
         return checkpoint_state_dict(model), metadata
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:

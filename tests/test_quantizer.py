@@ -163,8 +163,8 @@ def test_quantize_on_load_starts_the_alpha_source_from_the_checkpoint(folders: d
 
 def test_input_layout_quantizes_on_load_and_round_trips_packed(folders: dict[str, Path], tmp_path: Path) -> None:
     """``tile_layout="input"`` from a dense checkpoint: each latent copy is a block of the pretrained weight's input
-    columns (the GPT-2 Conv1D transposed first); a packed save records the layout and reloads to the same logits,
-    and the checkpoint check expects the input layout's latent shape."""
+    columns (the GPT-2 Conv1D transposed first); a packed save records the layout and reloads to the same logits;
+    relabelled as the output layout, a latent folder is refused by its shape, a packed one by its recorded layout."""
     config = TBNConfig(min_compress_size=0, tile_layout="input")
     model = GPT2LMHeadModel.from_pretrained(folders["fp"], quantization_config=config)
     dense = GPT2LMHeadModel.from_pretrained(folders["fp"]).get_submodule(LAYER).weight.detach().t()  # (128, 32)
@@ -184,10 +184,16 @@ def test_input_layout_quantizes_on_load_and_round_trips_packed(folders: dict[str
         assert again.get_submodule(LAYER).tile_layout == "input", folder
         with torch.no_grad():
             torch.testing.assert_close(again(ids).logits, expected, rtol=1e-5, atol=1e-5, msg=folder)
-    output_layout = json.loads((tmp_path / "latent" / "config.json").read_text())
-    output_layout["quantization_config"]["tile_layout"] = "output"
-    shutil.copytree(tmp_path / "latent", tmp_path / "relabelled")
-    (tmp_path / "relabelled" / "config.json").write_text(json.dumps(output_layout))
-    wrong_shape = r"c_attn.*'transformer.h.0.attn.c_attn.weight' has \(4, 96, 8\).*needs \(4, 24, 32\)"
-    with pytest.raises(ValueError, match=wrong_shape):
-        GPT2LMHeadModel.from_pretrained(tmp_path / "relabelled")
+    by_record = r"model.safetensors: written with tile_layout 'input', but config.json's .* says 'output'"
+    by_shape = r"c_attn.*'transformer.h.0.attn.c_attn.weight' has \(4, 96, 8\).*needs \(4, 24, 32\)"
+    for folder, record, refusal in (("latent", True, by_record), ("packed", True, by_record),
+                                    ("latent", False, by_shape)):  # a file from before the layout was recorded
+        relabelled = tmp_path / f"relabelled-{folder}-{record}"
+        shutil.copytree(tmp_path / folder, relabelled)
+        output_layout = json.loads((relabelled / "config.json").read_text())
+        del output_layout["quantization_config"]["tile_layout"]  # what an output-layout save writes
+        (relabelled / "config.json").write_text(json.dumps(output_layout))
+        if not record:
+            save_file(load_file(relabelled / "model.safetensors"), relabelled / "model.safetensors", {"format": "pt"})
+        with pytest.raises(ValueError, match=refusal):
+            GPT2LMHeadModel.from_pretrained(relabelled)
