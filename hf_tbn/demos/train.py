@@ -159,9 +159,10 @@ def fine_tune_teacher(src: Path, task: str, args: TrainingArguments, learning_ra
     trainer.train()
     if evaluation is not None:
         print(f"teacher evaluation: {metrics_line(evaluate(trainer, task))}")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(folder)
+    trainer.save_model(str(staging))  # with the tokenizer; under DDP by the main process only
+    if trainer.args.should_save:
+        staging.rename(folder)
+    trainer.accelerator.wait_for_everyone()
     return folder
 
 
