@@ -152,6 +152,7 @@ def test_teacher_fine_tune_trains_the_teacher_first_and_resumes_exactly(
         (["{teacher}", "--distill", "--teacher_learning_rate", "1e-4"],
          "--teacher_learning_rate is an option of --teacher_fine_tune, which is not given"),
         (["{tbn}", "--distill", "--teacher_fine_tune"], "{tbn} is already TBN, so it cannot be fine-tuned into the"),
+        (["{teacher}", "--distill", "--teacher_fine_tune", "--resume"], "--resume: no checkpoint-* folder in"),
     ],
 )
 def test_distill_refusals_are_one_line_errors(fp_folder: Path, teacher_fp: Path, reviews: Path,  # noqa: F811
