@@ -3,7 +3,8 @@
 Held-out perplexity of the pretrained full-precision model, of each TBN variant right after
 conversion (no training) and after quantization-aware fine-tuning with Trainer; the
 full-precision model gets the same fine-tuning budget. Fortunes are shuffled with the seed and
-5% are held out; both splits are cut into blocks of ``--block`` tokens. Variants as in
+5% are held out; both splits are cut into blocks of ``--block`` tokens (training blocks of
+``--train-block`` with it: a budget shape of more, shorter steps, scored on the same blocks). Variants as in
 quality_bbc.py: ``fp``, ``P``, ``P+warmup``, ``P+distill`` (teacher: the pretrained checkpoint,
 hf_tbn.distill.load_teacher's default, or with ``--teacher fp`` the fp variant fine-tuned first,
 as BitDistill does). The perplexity is also measured at the fractions
@@ -62,8 +63,8 @@ class Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def fortunes(tokenizer: AutoTokenizer, block: int, seed: int) -> tuple[Blocks, Blocks]:
-    """Train and held-out token blocks from every fortune file (``%``-separated texts)."""
+def fortunes(tokenizer: AutoTokenizer, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and held-out token ids of every fortune file (``%``-separated texts, shuffled with ``seed``)."""
     files = sorted(p for p in FORTUNES.iterdir() if p.is_file() and not p.suffix)
     if not files:
         raise FileNotFoundError(f"no fortune files under {FORTUNES}: install the Debian package fortunes")
@@ -72,11 +73,15 @@ def fortunes(tokenizer: AutoTokenizer, block: int, seed: int) -> tuple[Blocks, B
     random.Random(seed).shuffle(texts)
     n_test = len(texts) // 20
 
-    def blocks(part: list[str]) -> Blocks:
-        ids = torch.tensor(tokenizer("\n\n".join(part))["input_ids"])
-        return Blocks(ids[: len(ids) // block * block].view(-1, block))
+    def ids(part: list[str]) -> torch.Tensor:
+        return torch.tensor(tokenizer("\n\n".join(part))["input_ids"])
 
-    return blocks(texts[n_test:]), blocks(texts[:n_test])
+    return ids(texts[n_test:]), ids(texts[:n_test])
+
+
+def blocks(ids: torch.Tensor, block: int) -> Blocks:
+    """``ids`` cut into whole blocks of ``block`` tokens (the tail left out)."""
+    return Blocks(ids[: len(ids) // block * block].view(-1, block))
 
 
 @torch.no_grad()
@@ -112,7 +117,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("outputs/smollm2"), help="plain HF copy of SmolLM2")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=4, help="blocks per step")
-    parser.add_argument("--block", type=int, default=128, help="tokens per block")
+    parser.add_argument("--block", type=int, default=128, help="tokens per scored block")
+    parser.add_argument("--train-block", type=int, help="tokens per training block (default: --block)")
     add_lr_option(parser, "5e-4")
     parser.add_argument("--teacher", choices=tuple(TEACHERS), default="pretrained",
                         help="+distill teacher: the pretrained checkpoint, or the fp variant after its fine-tuning")
@@ -127,22 +133,25 @@ def main() -> None:
     model_dir = smollm2_dir(args.cache)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     block = 32 if args.quick else args.block
-    train, test = fortunes(tokenizer, block, args.seed)
+    train_block = block if args.quick or args.train_block is None else args.train_block
+    train_ids, test_ids = fortunes(tokenizer, args.seed)
     n_eval = 4 if args.quick else args.eval_blocks
-    if args.validation:
-        train, test = Blocks(train.ids[:-n_eval]), Blocks(train.ids[-n_eval:])
-    test = Blocks(test.ids[:n_eval])
+    if args.validation:  # the last n_eval whole blocks of the training text
+        end = len(train_ids) // block * block
+        train_ids, test_ids = train_ids[: end - n_eval * block], train_ids[end - n_eval * block : end]
+    train, test = blocks(train_ids, train_block), Blocks(blocks(test_ids, block).ids[:n_eval])
     steps = 2 if args.quick else args.steps
     checkpoints = sorted({max(1, round(float(f) * steps)) for f in args.eval_at.split(",") if f} - {steps})
     split_name = "validation" if args.validation else "held-out"
-    budget = {"steps": steps, "batch_size": args.batch, "block_tokens": block, "lr": budget_rates(rates),
+    budget = {"steps": steps, "batch_size": args.batch, "block_tokens": block,
+              **({"train_block_tokens": train_block} if train_block != block else {}), "lr": budget_rates(rates),
               "scheduler": "cosine",
               **({"max_grad_norm": args.max_grad_norm} if args.max_grad_norm != 1.0 else {}),
               "optimizer": "AdamW", "seed": args.seed, "train_blocks": len(train), "eval_tokens": test.ids.numel(),
               "scored_on": split_name, "warmup": args.warmup, **layer_options(args),
               "distill": vars(distill) if plan.distills else None,
               **({"teacher": TEACHERS["fp"]} if args.teacher == "fp" else {})}
-    tokens_per_step = args.batch * block
+    tokens_per_step = args.batch * train_block
     rows, teacher = [], None
     for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
         tbn = TBNConfig(compression_factor=p, **layer_options(args)) if p is not None else None
