@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -63,7 +64,7 @@ class Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def fortunes(tokenizer: AutoTokenizer, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fortunes(tokenizer: Callable[[str], dict], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Train and held-out token ids of every fortune file (``%``-separated texts, shuffled with ``seed``)."""
     files = sorted(p for p in FORTUNES.iterdir() if p.is_file() and not p.suffix)
     if not files:
@@ -82,6 +83,17 @@ def fortunes(tokenizer: AutoTokenizer, seed: int) -> tuple[torch.Tensor, torch.T
 def blocks(ids: torch.Tensor, block: int) -> Blocks:
     """``ids`` cut into whole blocks of ``block`` tokens (the tail left out)."""
     return Blocks(ids[: len(ids) // block * block].view(-1, block))
+
+
+def train_and_scored(tokenizer: Callable[[str], dict], seed: int, block: int, train_block: int, n_eval: int,
+                     validation: bool) -> tuple[Blocks, Blocks]:
+    """Training blocks of ``train_block`` tokens and ``n_eval`` scored blocks of ``block`` tokens: the first
+    held-out ones, or with ``validation`` the last whole blocks of the training text (left out of training)."""
+    train_ids, test_ids = fortunes(tokenizer, seed)
+    if validation:
+        end = len(train_ids) // block * block
+        train_ids, test_ids = train_ids[: end - n_eval * block], train_ids[end - n_eval * block : end]
+    return blocks(train_ids, train_block), Blocks(blocks(test_ids, block).ids[:n_eval])
 
 
 @torch.no_grad()
@@ -134,12 +146,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     block = 32 if args.quick else args.block
     train_block = block if args.quick or args.train_block is None else args.train_block
-    train_ids, test_ids = fortunes(tokenizer, args.seed)
     n_eval = 4 if args.quick else args.eval_blocks
-    if args.validation:  # the last n_eval whole blocks of the training text
-        end = len(train_ids) // block * block
-        train_ids, test_ids = train_ids[: end - n_eval * block], train_ids[end - n_eval * block : end]
-    train, test = blocks(train_ids, train_block), Blocks(blocks(test_ids, block).ids[:n_eval])
+    train, test = train_and_scored(tokenizer, args.seed, block, train_block, n_eval, args.validation)
     steps = 2 if args.quick else args.steps
     checkpoints = sorted({max(1, round(float(f) * steps)) for f in args.eval_at.split(",") if f} - {steps})
     split_name = "validation" if args.validation else "held-out"

@@ -18,7 +18,7 @@ budget: docs/quality.md ("Language modelling from scratch").
 
 from __future__ import annotations
 
-from quality_lm import Blocks, fortunes, perplexity
+from quality_lm import perplexity, train_and_scored
 from results import (
     Task,
     add_variant_options,
@@ -82,10 +82,7 @@ def main() -> None:
               "distill": vars(distill) if plan.distills else None}
     results: dict[str, list] = {v: [] for v in variants}
     for seed in seeds:
-        train, test = fortunes(encode_bytes, block, seed)
-        if args.validation:
-            train, test = Blocks(train.ids[:-n_eval]), Blocks(train.ids[-n_eval:])
-        test = Blocks(test.ids[:n_eval])
+        train, test = train_and_scored(encode_bytes, seed, block, block, n_eval, args.validation)
         budget.update(train_blocks=len(train), eval_bytes=test.ids.numel())
         teacher, fp_perplexity = None, None
         for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
