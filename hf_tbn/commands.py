@@ -262,8 +262,8 @@ def train(args: argparse.Namespace) -> int:
     resume = training.resume_from_checkpoint
     if own.resume and resume is None:
         resume = get_last_checkpoint(checkpoints) if checkpoints.is_dir() else None
-        teacher_begun = own.teacher_fine_tune and checkpoints.is_dir() and any(checkpoints.iterdir())
-        if resume is None and not teacher_begun:  # a teacher (saved or partial) alone: QAT starts from it
+        # A --teacher_fine_tune teacher alone (saved or partial): QAT starts from the first step.
+        if resume is None and not (own.teacher_fine_tune and qat.teacher_begun(checkpoints)):
             raise UserError(f"--resume: no checkpoint-* folder in {checkpoints}")
 
     train_set, eval_set = qat.load_data(data, own, training.seed)

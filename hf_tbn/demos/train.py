@@ -41,8 +41,10 @@ TASKS: tuple[str, ...] = get_args(Task)
 # TrainingArguments defaults for QAT that differ from transformers' own: the latent weights
 # need a larger learning rate than full-precision fine-tuning (docs/quality.md).
 QAT_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "warmup_steps": 0.1, "lr_scheduler_type": "linear"}
-# Where --teacher_fine_tune's teacher is saved, inside the checkpoints folder (TrainingArguments.output_dir).
+# Where --teacher_fine_tune's teacher is saved, inside the checkpoints folder (TrainingArguments.output_dir),
+# and where it is fine-tuned until then (an interrupted fine-tune leaves only this).
 TEACHER_FOLDER = "teacher"
+TEACHER_STAGING = f"{TEACHER_FOLDER}.partial"
 # load_dataset builder of each data file suffix.
 BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -147,7 +149,7 @@ def fine_tune_teacher(src: Path, task: str, args: TrainingArguments, learning_ra
     folder = Path(args.output_dir) / TEACHER_FOLDER
     if folder.is_dir():
         return folder
-    staging = folder.with_name(f"{TEACHER_FOLDER}.partial")  # an interrupted fine-tune leaves only this
+    staging = folder.with_name(TEACHER_STAGING)
     shutil.rmtree(staging, ignore_errors=True)
     teacher_args = copy.copy(args)
     teacher_args.output_dir, teacher_args.save_strategy = str(staging), SaveStrategy.NO
@@ -164,6 +166,11 @@ def fine_tune_teacher(src: Path, task: str, args: TrainingArguments, learning_ra
         staging.rename(folder)
     trainer.accelerator.wait_for_everyone()
     return folder
+
+
+def teacher_begun(output_dir: str | Path) -> bool:
+    """Whether ``output_dir`` holds a ``--teacher_fine_tune`` teacher, saved or still being fine-tuned."""
+    return any((Path(output_dir) / name).is_dir() for name in (TEACHER_FOLDER, TEACHER_STAGING))
 
 
 def load_data(data: Path, args: TrainArguments, seed: int) -> tuple[Dataset, Dataset | None]:
