@@ -198,6 +198,8 @@ def test_two_process_distillation_matches_one_process(tiny_llama_dir: Path, tmp_
 
 
 def worker(fp_dir: str, out_dir: str, batch: int, steps: int) -> None:
+    from ddp_worker import end_process_group
+
     model = student(Path(fp_dir))
     args = targs(Path(out_dir), steps=steps, batch=batch, ddp_find_unused_parameters=False)
     DistillationTrainer(model=model, args=args, train_dataset=Tokens(),
@@ -207,8 +209,7 @@ def worker(fp_dir: str, out_dir: str, batch: int, steps: int) -> None:
         result[f"{name}.tile"] = layer.tile.clone()
     result["world_size"] = torch.tensor(args.world_size)
     torch.save(result, Path(out_dir) / f"rank{args.process_index}.pt")
-    if torch.distributed.is_initialized():  # stop gloo's threads before exit (see tests/ddp_worker.py)
-        torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":
