@@ -252,6 +252,8 @@ def train(args: argparse.Namespace) -> int:
     distill = qat.distill_config(own)
     if own.warmup is not None and not 0 <= own.warmup <= 1:
         raise UserError(f"--warmup {own.warmup}: expected a fraction of the training steps in [0, 1]")
+    if own.block_size is not None and (own.task != "causal-lm" or own.block_size < 2):
+        raise UserError(f"--block_size {own.block_size}: expected at least 2 tokens, with --task causal-lm")
     teacher = [Path(own.teacher)] if own.teacher is not None and Path(own.teacher).exists() else []
     check_output(out, [src, data, checkpoints, *teacher], cli.overwrite)
     check_output(checkpoints, [src], overwrite=True)
@@ -274,8 +276,13 @@ def train(args: argparse.Namespace) -> int:
     label_column, names = (own.label_column, qat.model_labels(model)) if classify else (None, None)
     if distill is not None:
         qat.check_teacher(src, own.teacher, names, own.teacher_fine_tune)
-    train_set, eval_set = (None if d is None else qat.tokenize(d, tokenizer, own.max_length, own.text_column,
-                                                              label_column, names) for d in (train_set, eval_set))
+    length = own.max_length if own.block_size is None else None  # blocks take whole texts
+    train_set, eval_set = (None if d is None else qat.tokenize(d, tokenizer, length, own.text_column, label_column,
+                                                              names) for d in (train_set, eval_set))
+    if own.block_size is not None:
+        held_out = own.validation_file or f"{data} (its evaluation share)"
+        train_set, eval_set = blocks_of(own.block_size, tokenizer.eos_token_id,
+                                        {str(data): train_set, held_out: eval_set})
     existed = checkpoints.exists()
     teacher = own.teacher
     if own.teacher_fine_tune:
@@ -295,6 +302,19 @@ def train(args: argparse.Namespace) -> int:
         pack_layers(model)
     task = "text-classification" if classify else "text-generation"
     return write_tbn(model, src, cli, tokenizer, metrics, task)
+
+
+def blocks_of(block_size: int, eos_token_id: int | None, splits: dict[str, Any]) -> list[Any]:
+    """``hf-tbn train --block_size``: each tokenized split (keyed by what to call it) as whole blocks of text."""
+    from .demos.train import group_texts
+
+    blocks = []
+    for name, split in splits.items():
+        try:
+            blocks.append(None if split is None else group_texts(split, block_size, eos_token_id))
+        except ValueError as err:
+            raise UserError(f"{name}: --block_size: {err}") from err
+    return blocks
 
 
 def train_parser(*dataclasses: type) -> argparse.ArgumentParser:

@@ -289,6 +289,31 @@ def test_train_causal_lm_from_jsonl_reports_perplexity(tmp_path: Path, minilm_di
     assert "teacher evaluation: " in printed and printed.count("eval_perplexity") == 2
 
 
+def test_train_causal_lm_on_blocks_of_text(tmp_path: Path, smollm2_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--block_size: the texts, each ended by EOS, concatenated into whole blocks (one step per block at batch
+    1); refused for classification, and for too little text, naming the data file."""
+    src, data = tmp_path / "lm", tmp_path / "lines.jsonl"
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.save_pretrained(src)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(src)
+    texts = [f"line {i} comes after line {i - 1}" for i in range(30)]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tokens = sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)  # + EOS
+    common = [str(src), str(data), "--task", "causal-lm", "--eval_fraction", "0", "--min-compress-size", "0"]
+    assert main(["train", *common, str(tmp_path / "out"), "--block_size", "16", "--num_train_epochs", "1",
+                 "--per_device_train_batch_size", "1", "--save_strategy", "epoch"]) == 0
+    assert [p.name for p in (tmp_path / "out-checkpoints").iterdir()] == [f"checkpoint-{tokens // 16}"]
+
+    assert main(["train", *common, str(tmp_path / "x"), "--block_size", "100000"]) == 2
+    assert error_line(capsys) == (f"hf-tbn: error: {data}: --block_size: {tokens} tokens make no whole block "
+                                  "of block_size 100000")
+    assert main(["train", *common[:2], str(tmp_path / "x"), "--block_size", "16"]) == 2
+    assert "--block_size 16: expected at least 2 tokens, with --task causal-lm" in error_line(capsys)
+
+
 def test_train_warmup_option_overrides_the_models_fraction(fp_folder: Path, reviews: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
     EvalPrediction,
     PreTrainedModel,
@@ -61,6 +61,9 @@ class TrainArguments:
     eval_fraction: float = field(
         default=0.1, metadata={"help": "share of DATA held out for evaluation without --validation_file (0: none)"})
     max_length: int = field(default=128, metadata={"help": "tokens per example (longer texts are truncated)"})
+    block_size: int | None = field(default=None, metadata={
+        "help": "causal-lm: concatenate the texts, each ended by EOS, and train on blocks of this many tokens, "
+                "as transformers' run_clm does (unset: one example per text, truncated at --max_length)"})
     pack: bool = field(default=False, metadata={"help": "save the packed form instead of the latent form"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output_dir"})
     warmup: float | None = field(default=None, metadata={
@@ -211,9 +214,10 @@ def label_names(data: Dataset, column: str) -> list[str]:
     return sorted({str(v) for v in data[column]})
 
 
-def tokenize(data: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, text_column: str,
+def tokenize(data: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None, text_column: str,
              label_column: str | None = None, names: list[str] | None = None) -> Dataset:
-    """``input_ids``/``attention_mask``, and ``labels``: the index of each label's name in ``names``."""
+    """``input_ids``/``attention_mask`` (truncated at ``max_length``; None: whole texts) and ``labels``: the
+    index of each label's name in ``names``, or without ``label_column`` (a language model) the ids themselves."""
     ids = {name: i for i, name in enumerate(names or [])}
     feature = data.features[label_column] if label_column is not None else None
 
@@ -224,12 +228,34 @@ def tokenize(data: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
         return ids[name]
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        out = dict(tokenizer([str(t) for t in batch[text_column]], truncation=True, max_length=max_length))
-        if label_column is not None:
-            out["labels"] = [label_id(y) for y in batch[label_column]]
+        out = dict(tokenizer([str(t) for t in batch[text_column]], truncation=max_length is not None,
+                             max_length=max_length))
+        out["labels"] = out["input_ids"] if label_column is None else [label_id(y) for y in batch[label_column]]
         return out
 
     return data.map(encode, batched=True, remove_columns=data.column_names)
+
+
+def group_texts(data: Dataset, block_size: int, eos_token_id: int | None) -> Dataset:
+    """Tokenized texts, each ended by EOS, concatenated and cut into rows of ``block_size`` tokens (the last,
+    shorter block dropped), as transformers' run_clm example does: every row a whole block, no padding."""
+    if block_size < 2:
+        raise ValueError(f"block_size {block_size}: a block needs at least 2 tokens (one predicted)")
+    end = [] if eos_token_id is None else [eos_token_id]
+
+    def ended(row: list[int]) -> list[int]:
+        return row if row[-1:] == end else row + end
+
+    def cut(batch: dict[str, list]) -> dict[str, list]:
+        ids = [t for row in batch["input_ids"] for t in ended(row)]
+        blocks = [ids[start : start + block_size] for start in range(0, len(ids) - block_size + 1, block_size)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": blocks}
+
+    grouped = data.map(cut, batched=True, batch_size=None, remove_columns=data.column_names)
+    if len(grouped) == 0:
+        tokens = sum(len(ended(row)) for row in data["input_ids"])
+        raise ValueError(f"{tokens} tokens make no whole block of block_size {block_size}")
+    return grouped
 
 
 def label_config(names: list[str]) -> dict[str, Any]:
@@ -292,7 +318,8 @@ def make_trainer(model: PreTrainedModel, args: TrainingArguments, task: str, tok
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     classify = check_task(task) == "classification"
-    collate = DataCollatorWithPadding(tokenizer) if classify else DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    # A language model's labels are its input ids, padded with -100 (the pad id may be EOS, which stays a label).
+    collate = DataCollatorWithPadding(tokenizer) if classify else DataCollatorForSeq2Seq(tokenizer)
     common = {"model": model, "args": args, "train_dataset": train, "eval_dataset": evaluation,
               "data_collator": collate, "processing_class": tokenizer,
               "compute_metrics": _classification_metrics if classify else None}
