@@ -254,6 +254,9 @@ def train(args: argparse.Namespace) -> int:
         raise UserError(f"--warmup {own.warmup}: expected a fraction of the training steps in [0, 1]")
     if own.block_size is not None and (own.task != "causal-lm" or own.block_size < 2):
         raise UserError(f"--block_size {own.block_size}: expected at least 2 tokens, with --task causal-lm")
+    if own.block_size is not None and own.max_length is not None:
+        raise UserError(f"--max_length {own.max_length} and --block_size {own.block_size}: give one (blocks are "
+                        "cut from whole texts)")
     teacher = [Path(own.teacher)] if own.teacher is not None and Path(own.teacher).exists() else []
     check_output(out, [src, data, checkpoints, *teacher], cli.overwrite)
     check_output(checkpoints, [src], overwrite=True)
@@ -276,7 +279,9 @@ def train(args: argparse.Namespace) -> int:
     label_column, names = (own.label_column, qat.model_labels(model)) if classify else (None, None)
     if distill is not None:
         qat.check_teacher(src, own.teacher, names, own.teacher_fine_tune)
-    length = own.max_length if own.block_size is None else None  # blocks take whole texts
+    length = qat.MAX_LENGTH if own.max_length is None else own.max_length
+    if own.block_size is not None:
+        length = None  # blocks are cut from whole texts
     train_set, eval_set = (None if d is None else qat.tokenize(d, tokenizer, length, own.text_column, label_column,
                                                               names) for d in (train_set, eval_set))
     if own.block_size is not None:

@@ -312,6 +312,8 @@ def test_train_causal_lm_on_blocks_of_text(tmp_path: Path, smollm2_dir: Path,
                                   "of block_size 100000")
     assert main(["train", *common[:2], str(tmp_path / "x"), "--block_size", "16"]) == 2
     assert "--block_size 16: expected at least 2 tokens, with --task causal-lm" in error_line(capsys)
+    assert main(["train", *common, str(tmp_path / "x"), "--block_size", "16", "--max_length", "64"]) == 2
+    assert "--max_length 64 and --block_size 16: give one" in error_line(capsys)
 
 
 def test_train_warmup_option_overrides_the_models_fraction(fp_folder: Path, reviews: Path, tmp_path: Path,

@@ -45,6 +45,8 @@ QAT_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "warmup_steps": 0.1, "lr_
 # and where it is fine-tuned until then (an interrupted fine-tune leaves only this).
 TEACHER_FOLDER = "teacher"
 TEACHER_STAGING = f"{TEACHER_FOLDER}.partial"
+# Tokens per example of `hf-tbn train` without --max_length or --block_size.
+MAX_LENGTH = 128
 # load_dataset builder of each data file suffix.
 BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -60,10 +62,11 @@ class TrainArguments:
     validation_file: str | None = field(default=None, metadata={"help": "evaluation data (default: split DATA)"})
     eval_fraction: float = field(
         default=0.1, metadata={"help": "share of DATA held out for evaluation without --validation_file (0: none)"})
-    max_length: int = field(default=128, metadata={"help": "tokens per example (longer texts are truncated)"})
+    max_length: int | None = field(default=None, metadata={
+        "help": f"tokens per example, longer texts are truncated (default {MAX_LENGTH})"})
     block_size: int | None = field(default=None, metadata={
-        "help": "causal-lm: concatenate the texts, each ended by EOS, and train on blocks of this many tokens, "
-                "as transformers' run_clm does (unset: one example per text, truncated at --max_length)"})
+        "help": "causal-lm, instead of --max_length: concatenate the texts, each ended by EOS, and train on blocks "
+                "of this many tokens, as transformers' run_clm does"})
     pack: bool = field(default=False, metadata={"help": "save the packed form instead of the latent form"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output_dir"})
     warmup: float | None = field(default=None, metadata={
