@@ -63,7 +63,7 @@ class TrainArguments:
     eval_fraction: float = field(
         default=0.1, metadata={"help": "share of DATA held out for evaluation without --validation_file (0: none)"})
     max_length: int | None = field(default=None, metadata={
-        "help": f"tokens per example, longer texts are truncated (default {MAX_LENGTH})"})
+        "help": f"tokens per example, longer texts are truncated; unset: {MAX_LENGTH}"})
     block_size: int | None = field(default=None, metadata={
         "help": "causal-lm, instead of --max_length: concatenate the texts, each ended by EOS, and train on blocks "
                 "of this many tokens, as transformers' run_clm does"})
