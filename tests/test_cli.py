@@ -292,7 +292,7 @@ def test_train_causal_lm_from_jsonl_reports_perplexity(tmp_path: Path, minilm_di
 def test_train_causal_lm_on_blocks_of_text(tmp_path: Path, smollm2_dir: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """--block_size: the texts, each ended by EOS, concatenated into whole blocks (one step per block at batch
-    1); refused for classification, and for too little text, naming the data file."""
+    1); refused for classification, beside --max_length, and for too little text, naming the data file."""
     src, data = tmp_path / "lm", tmp_path / "lines.jsonl"
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     tokenizer.save_pretrained(src)
