@@ -287,7 +287,7 @@ def train(args: argparse.Namespace) -> int:
     if own.block_size is not None:
         held_out = own.validation_file or f"{data} (its evaluation share)"
         train_set, eval_set = blocks_of(own.block_size, tokenizer.eos_token_id,
-                                        {str(data): train_set, held_out: eval_set})
+                                        [(str(data), train_set), (held_out, eval_set)])
     existed = checkpoints.exists()
     teacher = own.teacher
     if own.teacher_fine_tune:
@@ -309,12 +309,12 @@ def train(args: argparse.Namespace) -> int:
     return write_tbn(model, src, cli, tokenizer, metrics, task)
 
 
-def blocks_of(block_size: int, eos_token_id: int | None, splits: dict[str, Any]) -> list[Any]:
-    """``hf-tbn train --block_size``: each tokenized split (keyed by what to call it) as whole blocks of text."""
+def blocks_of(block_size: int, eos_token_id: int | None, splits: list[tuple[str, Any]]) -> list[Any]:
+    """``hf-tbn train --block_size``: each tokenized split (beside what to call it) as whole blocks of text."""
     from .demos.train import group_texts
 
     blocks = []
-    for name, split in splits.items():
+    for name, split in splits:
         try:
             blocks.append(None if split is None else group_texts(split, block_size, eos_token_id))
         except ValueError as err:
