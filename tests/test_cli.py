@@ -306,6 +306,9 @@ def test_train_causal_lm_on_blocks_of_text(tmp_path: Path, smollm2_dir: Path,
     assert main(["train", *common, str(tmp_path / "out"), "--block_size", "16", "--num_train_epochs", "1",
                  "--per_device_train_batch_size", "1", "--save_strategy", "epoch"]) == 0
     assert [p.name for p in (tmp_path / "out-checkpoints").iterdir()] == [f"checkpoint-{tokens // 16}"]
+    assert main(["train", *common, str(tmp_path / "same"), "--block_size", "16", "--validation_file", str(data),
+                 "--max_steps", "1", "--save_strategy", "no"]) == 0  # DATA evaluated on as blocks too
+    assert "eval_perplexity" in json.loads((tmp_path / "same" / "eval_results.json").read_text())
 
     assert main(["train", *common, str(tmp_path / "x"), "--block_size", "100000"]) == 2
     assert error_line(capsys) == (f"hf-tbn: error: {data}: --block_size: {tokens} tokens make no whole block "
