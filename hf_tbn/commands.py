@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import shutil
 from collections.abc import Iterator, Sequence
@@ -243,11 +244,13 @@ def train(args: argparse.Namespace) -> int:
     from transformers.trainer_utils import get_last_checkpoint
 
     from .demos import train as qat
+    from .qat import end_process_group
 
     parser = train_parser(qat.TrainArguments, TrainingArguments)
     first, _ = parser.parse_known_args(args.rest)  # OUT decides the default checkpoint folder
     parser.set_defaults(output_dir=f"{first.out}-checkpoints")
     own, training, cli = parser.parse_args_into_dataclasses(args.rest)
+    check_processes(training)
     src, data, out, checkpoints = Path(cli.src), Path(cli.data), Path(cli.out), Path(training.output_dir)
     distill = qat.distill_config(own)
     if own.warmup is not None and not 0 <= own.warmup <= 1:
@@ -271,23 +274,25 @@ def train(args: argparse.Namespace) -> int:
         if resume is None and not (own.teacher_fine_tune and qat.teacher_begun(checkpoints)):
             raise UserError(f"--resume: no checkpoint-* folder in {checkpoints}")
 
-    train_set, eval_set = qat.load_data(data, own, training.seed)
-    classify = own.task == "classification"
-    model = qat.load_for_training(src, own.task, config,
-                                  qat.label_names(train_set, own.label_column) if classify else None)
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    label_column, names = (own.label_column, qat.model_labels(model)) if classify else (None, None)
-    if distill is not None:
-        qat.check_teacher(src, own.teacher, names, own.teacher_fine_tune)
-    length = qat.MAX_LENGTH if own.max_length is None else own.max_length
-    if own.block_size is not None:
-        length = None  # blocks are cut from whole texts
-    train_set, eval_set = (None if d is None else qat.tokenize(d, tokenizer, length, own.text_column, label_column,
-                                                              names) for d in (train_set, eval_set))
-    if own.block_size is not None:
-        held_out = own.validation_file or f"{data} (its evaluation share)"
-        train_set, eval_set = blocks_of(own.block_size, tokenizer.eos_token_id,
-                                        [(str(data), train_set), (held_out, eval_set)])
+    # Under DDP the main process reads and tokenizes first (into the datasets cache), after every process's checks.
+    with training.main_process_first(desc="data"):
+        train_set, eval_set = qat.load_data(data, own, training.seed)
+        classify = own.task == "classification"
+        model = qat.load_for_training(src, own.task, config,
+                                      qat.label_names(train_set, own.label_column) if classify else None)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        label_column, names = (own.label_column, qat.model_labels(model)) if classify else (None, None)
+        if distill is not None:
+            qat.check_teacher(src, own.teacher, names, own.teacher_fine_tune)
+        length = qat.MAX_LENGTH if own.max_length is None else own.max_length
+        if own.block_size is not None:
+            length = None  # blocks are cut from whole texts
+        train_set, eval_set = (None if d is None else qat.tokenize(d, tokenizer, length, own.text_column,
+                                                                  label_column, names) for d in (train_set, eval_set))
+        if own.block_size is not None:
+            held_out = own.validation_file or f"{data} (its evaluation share)"
+            train_set, eval_set = blocks_of(own.block_size, tokenizer.eos_token_id,
+                                            [(str(data), train_set), (held_out, eval_set)])
     existed = checkpoints.exists()
     teacher = own.teacher
     if own.teacher_fine_tune:
@@ -298,15 +303,29 @@ def train(args: argparse.Namespace) -> int:
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
-        if not existed and checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        if training.should_save and not existed and checkpoints.is_dir() and not any(checkpoints.iterdir()):
             checkpoints.rmdir()  # nothing was saved: leave no empty folder behind
-    metrics = qat.evaluate(trainer, own.task) if eval_set is not None else None
+    metrics = qat.evaluate(trainer, own.task) if eval_set is not None else None  # every process takes part
+    del trainer  # before its process group ends (end_process_group)
+    end_process_group()
+    if not training.should_save:
+        return 0  # under DDP the main process alone writes OUT
     if metrics:
         print(f"evaluation: {qat.metrics_line(metrics)}")
     if own.pack:
         pack_layers(model)
     task = "text-classification" if classify else "text-generation"
     return write_tbn(model, src, cli, tokenizer, metrics, task)
+
+
+def check_processes(training: Any) -> None:
+    """Refuse a multi-process launch that ``training`` (``TrainingArguments``) does not run data-parallel: every
+    process would train a model of its own and write OUT."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training.world_size != launched:
+        raise UserError(f"launched as {launched} processes (WORLD_SIZE={launched}) but Trainer would run "
+                        f"{training.world_size}, each training its own copy: without a GPU pass --use_cpu "
+                        "(data-parallel over gloo)")
 
 
 def blocks_of(block_size: int, eos_token_id: int | None, splits: list[tuple[str, Any]]) -> list[Any]:

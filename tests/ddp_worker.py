@@ -8,7 +8,6 @@ the packed tiles and alphas of every TBN layer.
 
 from __future__ import annotations
 
-import gc
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model, tbn_layers
+from hf_tbn.qat import end_process_group
 
 
 class TokenData(torch.utils.data.Dataset):
@@ -55,19 +55,6 @@ def main(model_dir: str, out_dir: str, mode: str, batch: int, steps: int) -> Non
     result["world_size"] = torch.tensor(args.world_size)
     torch.save(result, Path(out_dir) / f"rank{args.process_index}.pt")
     end_process_group()
-
-
-def end_process_group() -> None:
-    """Free the finished Trainer's DDP wrapper, then stop gloo, so that no rank hangs at exit.
-
-    The caller keeps no reference to the Trainer; collecting frees it, with its DDP wrapper, whatever cycles
-    hold it. Without the group destroyed a rank aborted once in teardown ("terminate called without an
-    active exception"); destroyed while the Trainer was still a local of main, a rank hung freeing it when
-    main returned: 4 launches in 23 under load, one CI run.
-    """
-    gc.collect()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_bert_classifier
+from tiny import tiny_bert_classifier, tiny_llama_lm
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     BertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     Trainer,
     pipeline,
 )
@@ -271,11 +269,7 @@ def test_train_causal_lm_from_jsonl_reports_perplexity(tmp_path: Path, minilm_di
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """A language model distilled from itself fine-tuned first (the recipe of docs/distillation.md): the
     teacher's and the student's evaluations are printed, with perplexity."""
-    src = tmp_path / "lm"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(src)
-    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(src)
+    src = tiny_llama_lm(tmp_path / "lm", minilm_dir)
     data = tmp_path / "lines.jsonl"
     data.write_text("".join(json.dumps({"text": f"line {i} comes after line {i - 1}"}) + "\n" for i in range(30)))
     assert main(["train", str(src), str(data), str(tmp_path / "out"), "--task", "causal-lm", "--max_steps", "2",
@@ -293,12 +287,8 @@ def test_train_causal_lm_on_blocks_of_text(tmp_path: Path, smollm2_dir: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """--block_size: the texts, each ended by EOS, concatenated into whole blocks (one step per block at batch
     1); refused for classification, beside --max_length, and for too little text, naming the data file."""
-    src, data = tmp_path / "lm", tmp_path / "lines.jsonl"
+    src, data = tiny_llama_lm(tmp_path / "lm", smollm2_dir), tmp_path / "lines.jsonl"
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    tokenizer.save_pretrained(src)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(src)
     texts = [f"line {i} comes after line {i - 1}" for i in range(30)]
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tokens = sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)  # + EOS

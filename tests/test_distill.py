@@ -18,6 +18,7 @@ from transformers import LlamaForCausalLM, LlamaForSequenceClassification, Llama
 
 from hf_tbn import TBNConfig, pack_model, tbn_layers
 from hf_tbn.distill import DistillationTrainer, DistillConfig, hidden_loss, kl_loss, load_teacher
+from hf_tbn.qat import end_process_group
 
 TBN = TBNConfig(min_compress_size=0)
 
@@ -198,8 +199,6 @@ def test_two_process_distillation_matches_one_process(tiny_llama_dir: Path, tmp_
 
 
 def worker(fp_dir: str, out_dir: str, batch: int, steps: int) -> None:
-    from ddp_worker import end_process_group
-
     model = student(Path(fp_dir))
     args = targs(Path(out_dir), steps=steps, batch=batch, ddp_find_unused_parameters=False)
     DistillationTrainer(model=model, args=args, train_dataset=Tokens(),

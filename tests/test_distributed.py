@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -9,6 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from tiny import tiny_llama_lm
+
+from hf_tbn.cli import main
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -20,9 +25,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], returncode: int = 0) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.returncode == returncode, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
 
 
 # accelerate 1.x sends `--cpu` to its single-process launcher (multi-CPU needs an MPI hostfile);
@@ -30,15 +36,17 @@ def run(cmd: list[str]) -> None:
 LAUNCHERS = {"ddp": ["--multi_gpu"], "fsdp2": ["--use_fsdp", "--fsdp_version", "2"]}
 
 
+def launch(launcher: str, *args: str) -> list[str]:
+    """``accelerate launch`` of ``args`` (a script and its arguments) as 2 processes of ``launcher``."""
+    return [str(ACCELERATE), "launch", *LAUNCHERS[launcher], "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
+
+
 def train(model_dir: Path, out: Path, mode: str, launcher: str | None, batch: int) -> list[dict[str, torch.Tensor]]:
     out.mkdir()
     args = [str(WORKER), str(model_dir), str(out), mode, str(batch), "6"]
     processes = 1 if launcher is None else 2
-    if launcher is None:
-        run([sys.executable, *args])
-    else:
-        run([str(ACCELERATE), "launch", *LAUNCHERS[launcher], "--num_processes", "2", "--num_machines", "1",
-             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args])
+    run([sys.executable, *args] if launcher is None else launch(launcher, *args))
     results = [torch.load(out / f"rank{r}.pt") for r in range(processes)]
     assert all(int(r.pop("world_size")) == processes for r in results)
     return results
@@ -64,3 +72,37 @@ def test_two_process_training_matches_one_process(tiny_llama_dir: Path, tmp_path
     assert (mode == "qat") == bool(tiles)
     flipped = sum(int(torch.count_nonzero(torch.bitwise_xor(rank0[k], single[k]))) for k in tiles)
     assert flipped == 0, f"{flipped} tile bytes differ between 2-process and 1-process training"
+
+
+def test_cli_train_with_distillation_under_ddp_matches_one_process(tmp_path: Path, smollm2_dir: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``accelerate launch -m hf_tbn train``: teacher fine-tune and distilled QAT both data-parallel, OUT and the
+    teacher written once, by the main process, as one process trains them on the same batches. Without
+    ``--use_cpu`` on a machine with no GPU, Trainer would run each process alone: refused."""
+    src, data = tiny_llama_lm(tmp_path / "lm", smollm2_dir), tmp_path / "lines.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i} comes after line {i - 1}"}) + "\n" for i in range(60)))
+
+    def train_cli(out: Path, batch: int, *devices: str) -> list[str]:
+        return ["train", str(src), str(data), str(out), "--task", "causal-lm", "--min-compress-size", "0",
+                "--block_size", "16", "--max_steps", "3", "--per_device_train_batch_size", str(batch),
+                "--train_sampling_strategy", "sequential", "--save_strategy", "no", "--seed", "0",
+                "--distill", "--teacher_fine_tune", "--task_weight", "0", *devices]
+
+    printed = run(launch("ddp", "-m", "hf_tbn", *train_cli(tmp_path / "ddp", 2, "--use_cpu"))).stdout
+    assert printed.count("teacher evaluation: ") == printed.count("\nevaluation: ") == 1, printed
+    assert printed.count("wrote ") == 1, printed
+    assert main(train_cli(tmp_path / "single", 4, "--use_cpu")) == 0
+    capsys.readouterr()
+
+    for folder in ("", "-checkpoints/teacher"):
+        ddp, single = (load_file(tmp_path / f"{run}{folder}" / "model.safetensors") for run in ("ddp", "single"))
+        assert ddp.keys() == single.keys()
+        for key in ddp:  # the gradients of 2 x 2 blocks all-reduced against those of 4 blocks: float rounding
+            torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+    ddp, single = (json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("ddp", "single"))
+    assert ddp["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+    refused = run(launch("ddp", "-m", "hf_tbn", *train_cli(tmp_path / "x", 2)), returncode=1)
+    assert "hf-tbn: error: launched as 2 processes (WORLD_SIZE=2) but Trainer would run 1" in refused.stderr
+    assert not (tmp_path / "x").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 
 def tiny_bert_classifier(folder: Path, tokenizer_dir: Path, num_labels: int) -> Path:
@@ -15,6 +15,17 @@ def tiny_bert_classifier(folder: Path, tokenizer_dir: Path, num_labels: int) -> 
                      intermediate_size=64, num_labels=num_labels)
     BertForSequenceClassification(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def tiny_llama_lm(folder: Path, tokenizer_dir: Path) -> Path:
+    """A randomly initialised 1-layer Llama (width 32) over ``tokenizer_dir``'s whole vocabulary, saved with it."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
 
 

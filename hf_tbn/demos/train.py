@@ -165,8 +165,9 @@ def fine_tune_teacher(src: Path, task: str, args: TrainingArguments, learning_ra
     model = load_for_training(src, task, None, labels)
     trainer = make_trainer(model, teacher_args, task, tokenizer, train, evaluation)
     trainer.train()
-    if evaluation is not None:
-        print(f"teacher evaluation: {metrics_line(evaluate(trainer, task))}")
+    metrics = evaluate(trainer, task) if evaluation is not None else None  # every process takes part
+    if metrics and trainer.is_world_process_zero():
+        print(f"teacher evaluation: {metrics_line(metrics)}")
     trainer.save_model(str(staging))  # with the tokenizer; under DDP by the main process only
     if trainer.args.should_save:
         staging.rename(folder)
