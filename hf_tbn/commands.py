@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel, PreTrainedModel, TrainingArguments
 
 from . import hub
 from .cli import OneLineErrors, UserError, add_config_args, add_output_args
@@ -240,7 +240,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Parse the train options (``TrainArguments`` + ``TrainingArguments``), fine-tune, write OUT."""
-    from transformers import AutoTokenizer, TrainingArguments
+    from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
 
     from .demos import train as qat
@@ -318,7 +318,7 @@ def train(args: argparse.Namespace) -> int:
     return write_tbn(model, src, cli, tokenizer, metrics, task)
 
 
-def check_processes(training: Any) -> None:
+def check_processes(training: TrainingArguments) -> None:
     """Refuse a multi-process launch that ``training`` (``TrainingArguments``) does not run data-parallel: every
     process would train a model of its own and write OUT."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
