@@ -160,6 +160,8 @@ def add_variant_options(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")
     for field_name in NUMBER_FIELDS:
         parser.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=getattr(DistillConfig, field_name))
+    parser.add_argument("--hidden-layers", type=lambda v: tuple(int(i) for i in v.split(",")),
+                        help="comma-separated indices into hidden_states for --hidden-weight (default: every layer)")
 
 
 @dataclass
@@ -185,7 +187,7 @@ def variant_plan(args: argparse.Namespace, default: str, quick_default: str, fp_
     parsed = [parse_variant(v) for v in names]
     if fp_teacher and any(distill for _, _, distill in parsed) and names[0] != "fp":
         raise ValueError("a +distill variant needs the fp variant first (its teacher)")
-    distill = DistillConfig(**{name: getattr(args, name) for name in NUMBER_FIELDS})
+    distill = DistillConfig(**{name: getattr(args, name) for name in NUMBER_FIELDS}, hidden_layers=args.hidden_layers)
     return VariantPlan(names, parsed, distill)
 
 
