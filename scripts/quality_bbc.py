@@ -59,7 +59,7 @@ VALIDATION_FRACTION = 0.15
 
 
 def main() -> None:
-    parser = quality_parser(__doc__)
+    parser = quality_parser(__doc__, several_seeds=True)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--teacher-epochs", type=float,
                         help="the +distill teacher: a separate fp model fine-tuned this long (default: the fp row)")

@@ -134,7 +134,7 @@ def run_task(name: str, label: str, build: Callable[[], nn.Module], data: dict[s
 
 
 def main() -> None:
-    parser = quality_parser(__doc__)
+    parser = quality_parser(__doc__, several_seeds=True)
     parser.add_argument("--tasks", nargs="+", choices=["mlp", "cnn", "resnet"], default=["mlp", "cnn", "resnet"])
     parser.add_argument("--variants", type=variant_list, default=variant_list(VARIANTS),
                         help=f"comma-separated fp, P or P+warmup (default {VARIANTS})")

@@ -62,7 +62,7 @@ def scratch_model(layers: int, block: int, seed: int) -> LlamaForCausalLM:
 
 
 def main() -> None:
-    parser = quality_parser(__doc__)
+    parser = quality_parser(__doc__, several_seeds=True)
     parser.add_argument("--layers", type=int, default=5, help="decoder blocks (width 256)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8, help="blocks per step")

@@ -62,14 +62,16 @@ class Task:
     command: str = ""  # the script's options in the run that measured the rows
 
 
-def quality_parser(doc: str) -> argparse.ArgumentParser:
-    """The options every quality script takes: ``--quick`` (CI smoke run), ``--out``, ``--seed`` and
-    ``--seeds`` (a list; scripts that train once per seed read :func:`seeds_of`)."""
+def quality_parser(doc: str, several_seeds: bool = False) -> argparse.ArgumentParser:
+    """The options every quality script takes: ``--quick`` (CI smoke run), ``--out``, ``--seed``, and with
+    ``several_seeds`` ``--seeds`` (a list, read by :func:`seeds_of`): a script that trains once has no
+    ``--seeds`` to ignore."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny budget (CI smoke run)")
     parser.add_argument("--out", type=Path, default=DOCS, help="where results.md and results/ go")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=seed_list, help="comma-separated seeds (default: --seed)")
+    if several_seeds:
+        parser.add_argument("--seeds", type=seed_list, help="comma-separated seeds (default: --seed)")
     return parser
 
 
