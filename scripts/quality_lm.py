@@ -9,7 +9,9 @@ quality_bbc.py: ``fp``, ``P``, ``P+warmup``, ``P+distill`` (teacher: the pretrai
 hf_tbn.distill.load_teacher's default, or with ``--teacher fp`` the fp variant fine-tuned first,
 as BitDistill does). The perplexity is also measured at the fractions
 ``--eval-at`` of the run (a perplexity-against-tokens curve). ``--validation`` scores on blocks
-taken from the end of the training split instead of the held-out fortunes.
+taken from the end of the training split instead of the held-out fortunes. ``--seeds 0,1,2`` repeats
+everything per seed (its own split and order) and reports the mean, std and worst seed; a variant beside the
+plain ``P`` of the same p (``P+distill``) also gets how many times lower its perplexity is than that plain row's.
 
     .venv/bin/python scripts/quality_lm.py                         # full budget, writes docs/
     .venv/bin/python scripts/quality_lm.py --quick --out /tmp/q    # CI smoke run
@@ -30,8 +32,10 @@ from results import (
     budget_rates,
     layer_options,
     measure,
+    over_seeds,
     publish,
     quality_parser,
+    seeds_of,
     train_variant,
     trainer_output_dir,
     variant_plan,
@@ -49,7 +53,10 @@ QUICK_VARIANTS = "fp,4+distill"
 NOTES = ("'before' is the model as loaded (for TBN: right after conversion, no training); 'after N tokens': the same "
          "run scored part-way (its learning rate not yet annealed). Converted: every decoder Linear; the tied "
          "embeddings / lm_head stay full precision. +warmup: hf_tbn.qat.QuantizationWarmup; +distill: "
-         "hf_tbn.distill.DistillationTrainer, teacher = {teacher} (docs/distillation.md).")
+         "hf_tbn.distill.DistillationTrainer, teacher = {teacher} (docs/distillation.md). "
+         "'x lower than plain': the same p's plain row over this row, a mean of per-seed ratios.")
+METRIC = "perplexity after fine-tuning"
+PLAIN_RATIO = "x lower than plain"  # the same p trained plain (no warm-up, no teacher) over this variant
 TEACHERS = {"pretrained": "the pretrained checkpoint", "fp": "the fp row's model after its fine-tuning"}
 
 
@@ -125,7 +132,7 @@ class PerplexityAt(TrainerCallback):
 
 
 def main() -> None:
-    parser = quality_parser(__doc__)
+    parser = quality_parser(__doc__, several_seeds=True)
     parser.add_argument("--cache", type=Path, default=Path("outputs/smollm2"), help="plain HF copy of SmolLM2")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=4, help="blocks per step")
@@ -140,14 +147,13 @@ def main() -> None:
     add_variant_options(parser, VARIANTS)
     args = parser.parse_args()
     plan = variant_plan(args, VARIANTS, QUICK_VARIANTS, fp_teacher=args.teacher == "fp")
-    variants, distill = plan.names, plan.distill
+    variants, distill, seeds = plan.names, plan.distill, seeds_of(args)
     rates = variant_rates(parser, args.lr, variants)
     model_dir = smollm2_dir(args.cache)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     block = 32 if args.quick else args.block
     train_block = block if args.quick or args.train_block is None else args.train_block
     n_eval = 4 if args.quick else args.eval_blocks
-    train, test = train_and_scored(tokenizer, args.seed, block, train_block, n_eval, args.validation)
     steps = 2 if args.quick else args.steps
     checkpoints = sorted({max(1, round(float(f) * steps)) for f in args.eval_at.split(",") if f} - {steps})
     split_name = "validation" if args.validation else "held-out"
@@ -155,42 +161,53 @@ def main() -> None:
               **({"train_block_tokens": train_block} if train_block != block else {}), "lr": budget_rates(rates),
               "scheduler": "cosine",
               **({"max_grad_norm": args.max_grad_norm} if args.max_grad_norm != 1.0 else {}),
-              "optimizer": "AdamW", "seed": args.seed, "train_blocks": len(train), "eval_tokens": test.ids.numel(),
-              "scored_on": split_name, "warmup": args.warmup, **layer_options(args),
+              "optimizer": "AdamW", "seeds": seeds, "scored_on": split_name, "warmup": args.warmup,
+              **layer_options(args),
               "distill": vars(distill) if plan.distills else None,
               **({"teacher": TEACHERS["fp"]} if args.teacher == "fp" else {})}
     tokens_per_step = args.batch * train_block
-    rows, teacher = [], None
-    for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
-        tbn = TBNConfig(compression_factor=p, **layer_options(args)) if p is not None else None
-        extra = {} if tbn is None else {"quantization_config": tbn}
-        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
-        before = perplexity(model, test)
-        targs = TrainingArguments(
-            output_dir=trainer_output_dir(), max_steps=steps, per_device_train_batch_size=args.batch,
-            learning_rate=rates[variant], max_grad_norm=args.max_grad_norm,
-            lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no", report_to="none", use_cpu=True,
-            seed=args.seed, data_seed=args.seed, logging_steps=10, disable_tqdm=True,
-        )
-        curve = PerplexityAt(test, checkpoints)
-        seconds = train_variant((p, warmup, use_teacher), args.warmup, distill, teacher, model=model, args=targs,
-                                train_dataset=train, callbacks=[curve])
-        if p is not None:
-            pack_model(model)
-        after = perplexity(model, test)
-        metrics = {"perplexity after fine-tuning": after, "perplexity before": before}
-        metrics.update({f"after {s * tokens_per_step} tokens": curve.curve[s] for s in checkpoints})
-        rows.append(measure(f"p={variant}" if p is not None else None, model, metrics, seconds))
-        print(f"lm {variant}: ppl before {before:.1f} after {after:.1f} ({steps * tokens_per_step} tokens) "
-              + " ".join(f"{s * tokens_per_step} tok {curve.curve[s]:.1f}" for s in checkpoints)
-              + f" bits/weight {rows[-1].bits_converted:.3f} {seconds:.0f}s", flush=True)
-        if p is None and args.teacher == "fp":
-            teacher = model
-        del model
-        title = f"SmolLM2-135M on fortunes: {split_name} perplexity"
-        notes = NOTES.format(teacher=TEACHERS[args.teacher])
-        publish(Task("lm-validation" if args.validation else "lm", title, "perplexity after fine-tuning", False,
-                     budget, rows, notes=notes), args.out, variant == variants[-1])
+    results: dict[str, list] = {v: [] for v in variants}
+    for seed in seeds:
+        train, test = train_and_scored(tokenizer, seed, block, train_block, n_eval, args.validation)
+        budget.update(train_blocks=len(train), eval_tokens=test.ids.numel())
+        teacher, plain = None, {}  # plain: the perplexity of each p trained without warm-up or teacher
+        for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
+            tbn = TBNConfig(compression_factor=p, **layer_options(args)) if p is not None else None
+            extra = {} if tbn is None else {"quantization_config": tbn}
+            model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
+            before = perplexity(model, test)
+            targs = TrainingArguments(
+                output_dir=trainer_output_dir(), max_steps=steps, per_device_train_batch_size=args.batch,
+                learning_rate=rates[variant], max_grad_norm=args.max_grad_norm,
+                lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no", report_to="none", use_cpu=True,
+                seed=seed, data_seed=seed, logging_steps=10, disable_tqdm=True,
+            )
+            curve = PerplexityAt(test, checkpoints)
+            seconds = train_variant((p, warmup, use_teacher), args.warmup, distill, teacher, model=model, args=targs,
+                                    train_dataset=train, callbacks=[curve])
+            if p is not None:
+                pack_model(model)
+            after = perplexity(model, test)
+            metrics = {METRIC: after, "perplexity before": before}
+            metrics.update({f"after {s * tokens_per_step} tokens": curve.curve[s] for s in checkpoints})
+            if p is not None and not (warmup or use_teacher):
+                plain[p] = after
+            elif p in plain:  # for +distill: the measure of distillation
+                metrics[PLAIN_RATIO] = plain[p] / after
+            results[variant].append(measure(f"p={variant}" if p is not None else None, model, metrics, seconds))
+            print(f"lm {variant} seed {seed}: ppl before {before:.1f} after {after:.1f} "
+                  f"({steps * tokens_per_step} tokens) "
+                  + " ".join(f"{s * tokens_per_step} tok {curve.curve[s]:.1f}" for s in checkpoints)
+                  + (f" ({metrics[PLAIN_RATIO]:.2f}x lower than plain)" if PLAIN_RATIO in metrics else "")
+                  + f" bits/weight {results[variant][-1].bits_converted:.3f} {seconds:.0f}s", flush=True)
+            if p is None and args.teacher == "fp":
+                teacher = model
+            del model
+            title = f"SmolLM2-135M on fortunes: {split_name} perplexity"
+            notes = NOTES.format(teacher=TEACHERS[args.teacher])
+            publish(Task("lm-validation" if args.validation else "lm", title, METRIC, False,
+                         budget, [over_seeds(r, METRIC, False) for r in results.values() if r], notes=notes),
+                    args.out, seed == seeds[-1] and variant == variants[-1])
 
 
 if __name__ == "__main__":

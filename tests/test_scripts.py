@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,12 +79,20 @@ def test_quality_bbc_own_teacher_quick(tmp_path: Path) -> None:
 
 
 def test_quality_lm_quick(tmp_path: Path, smollm2_dir: Path) -> None:
-    """The +distill variant learns from the fp variant fine-tuned first (--teacher fp), each at its own rate."""
+    """The +distill variant learns from the fp variant fine-tuned first (--teacher fp), each at its own rate; over
+    two seeds, with its perplexity against plain QAT's as the mean of the per-seed ratios."""
     stdout = run_script("quality_lm.py", "--quick", "--out", str(tmp_path), "--cache", str(smollm2_dir),
-                        "--teacher", "fp", "--lr", "1e-3,fp=2e-4")
-    check_published(tmp_path, stdout, ["lm"], 2)
+                        "--teacher", "fp", "--lr", "1e-3,fp=2e-4", "--variants", "fp,4,4+distill", "--seeds", "0,1")
+    check_published(tmp_path, stdout, ["lm"], 3)
     task = json.loads((tmp_path / "results" / "lm.json").read_text())
-    assert task["budget"]["lr"] == {"fp": 2e-4, "4+distill": 1e-3}
+    assert task["budget"]["lr"] == {"fp": 2e-4, "4": 1e-3, "4+distill": 1e-3}
+    assert task["budget"]["seeds"] == [0, 1]
+    plain, distilled = ({seed: float(m) for seed, m in re.findall(rf"lm {v} seed (\d): ppl before \S+ after (\S+) ",
+                                                                   stdout)} for v in ("4", "4\\+distill"))
+    rows = {row["variant"]: row["metrics"] for row in task["rows"]}
+    assert rows["p=4+distill"]["seeds"] == 2 and "x lower than plain" not in rows["p=4"]
+    ratio = sum(plain[s] / distilled[s] for s in ("0", "1")) / 2
+    assert rows["p=4+distill"]["x lower than plain"] == pytest.approx(ratio, rel=1e-3)  # printed to 0.1
     assert task["budget"]["teacher"] == "the fp row's model after its fine-tuning"
     assert "teacher = the fp row's model" in (tmp_path / "results.md").read_text()
 
