@@ -169,7 +169,8 @@ def main() -> None:
     results: dict[str, list] = {v: [] for v in variants}
     for seed in seeds:
         train, test = train_and_scored(tokenizer, seed, block, train_block, n_eval, args.validation)
-        budget.update(train_blocks=len(train), eval_tokens=test.ids.numel())
+        budget.setdefault("train_blocks", []).append(len(train))  # each seed its own split
+        budget["eval_tokens"] = test.ids.numel()
         teacher, plain = None, {}  # plain: the perplexity of each p trained without warm-up or teacher
         for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
             tbn = TBNConfig(compression_factor=p, **layer_options(args)) if p is not None else None

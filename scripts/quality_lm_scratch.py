@@ -83,7 +83,8 @@ def main() -> None:
     results: dict[str, list] = {v: [] for v in variants}
     for seed in seeds:
         train, test = train_and_scored(encode_bytes, seed, block, block, n_eval, args.validation)
-        budget.update(train_blocks=len(train), eval_bytes=test.ids.numel())
+        budget.setdefault("train_blocks", []).append(len(train))  # each seed its own split
+        budget["eval_bytes"] = test.ids.numel()
         teacher, fp_perplexity = None, None
         for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
             model = scratch_model(layers, block, seed)

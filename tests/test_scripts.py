@@ -87,6 +87,7 @@ def test_quality_lm_quick(tmp_path: Path, smollm2_dir: Path) -> None:
     task = json.loads((tmp_path / "results" / "lm.json").read_text())
     assert task["budget"]["lr"] == {"fp": 2e-4, "4": 1e-3, "4+distill": 1e-3}
     assert task["budget"]["seeds"] == [0, 1]
+    assert len(task["budget"]["train_blocks"]) == 2  # each seed its own split
     plain, distilled = ({seed: float(m) for seed, m in re.findall(rf"lm {v} seed (\d): ppl before \S+ after (\S+) ",
                                                                    stdout)} for v in ("4", "4\\+distill"))
     rows = {row["variant"]: row["metrics"] for row in task["rows"]}
