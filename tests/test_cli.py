@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import tiny_bert_classifier, tiny_llama_lm
 from transformers import (
     AutoModelForCausalLM,
@@ -263,6 +264,25 @@ def test_train_resume_continues_the_last_checkpoint(fp_folder: Path, reviews: Pa
     assert main(["train", str(fp_folder), str(reviews), str(tmp_path / "x"), "--resume",
                  "--output_dir", str(tmp_path / "none"), *common]) == 2
     assert "no checkpoint" in error_line(capsys)
+
+
+def test_train_classifier_accumulating_two_batches_of_two_matches_batches_of_four(
+        reviews: Path, tmp_path: Path, minilm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """transformers leaves a loss undivided by the accumulation steps when the model takes loss kwargs, as BERT
+    does though its classification loss is a plain mean: hf-tbn train keeps it a per-batch mean, so gradients
+    accumulated over 2 x 2 texts are those of 4 (the trained weights within float rounding)."""
+    src = tiny_bert_classifier(tmp_path / "fp", minilm_dir, num_labels=2, dropout=0.0)
+    common = ["--min-compress-size", "0", "--max_steps", "3", "--train_sampling_strategy", "sequential",
+              "--save_strategy", "no", "--eval_fraction", "0"]
+    assert main(["train", str(src), str(reviews), str(tmp_path / "four"), "--per_device_train_batch_size", "4",
+                 *common]) == 0
+    assert main(["train", str(src), str(reviews), str(tmp_path / "two"), "--per_device_train_batch_size", "2",
+                 "--gradient_accumulation_steps", "2", *common]) == 0
+    capsys.readouterr()
+    four, two = (load_file(tmp_path / run / "model.safetensors") for run in ("four", "two"))
+    assert four.keys() == two.keys()
+    for key in four:
+        torch.testing.assert_close(two[key], four[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_train_causal_lm_from_jsonl_reports_perplexity(tmp_path: Path, minilm_dir: Path,

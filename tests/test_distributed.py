@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_llama_lm
+from tiny import tiny_bert_classifier, tiny_llama_lm
 
 from hf_tbn.cli import main
 
@@ -106,3 +108,39 @@ def test_cli_train_with_distillation_under_ddp_matches_one_process(tmp_path: Pat
     refused = run(launch("ddp", "-m", "hf_tbn", *train_cli(tmp_path / "x", 2)), returncode=1)
     assert "hf-tbn: error: launched as 2 processes (WORLD_SIZE=2) but Trainer would run 1" in refused.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_train_classification_resumed_under_ddp_matches_the_whole_run(tmp_path: Path, minilm_dir: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A new classification head (with the default 30% warm-up) trained data-parallel through the CLI: resumed
+    from the half-way checkpoint under DDP it writes the very weights of the uninterrupted DDP run, and both match
+    one process trained on the same batches, evaluation loss included."""
+    src = tiny_bert_classifier(tmp_path / "fp", minilm_dir, num_labels=2, dropout=0.0)
+    data = tmp_path / "reviews.csv"
+    with data.open("w", newline="") as f:
+        csv.writer(f).writerows([("text", "label")] + [(f"{'great fun' if i % 2 else 'dull and slow'} {i}",
+                                                         "pos" if i % 2 else "neg") for i in range(40)])
+
+    def train_cli(out: Path, batch: int, *extra: str) -> list[str]:
+        return ["train", str(src), str(data), str(out), "--p", "4", "--min-compress-size", "0", "--max_steps", "4",
+                "--save_steps", "2", "--per_device_train_batch_size", str(batch), "--train_sampling_strategy",
+                "sequential", "--seed", "0", "--use_cpu", *extra]
+
+    printed = run(launch("ddp", "-m", "hf_tbn", *train_cli(tmp_path / "whole", 2))).stdout
+    assert printed.count("\nevaluation: ") == printed.count("wrote ") == 1, printed
+    (tmp_path / "resumed-checkpoints").mkdir()
+    shutil.copytree(tmp_path / "whole-checkpoints" / "checkpoint-2", tmp_path / "resumed-checkpoints" / "checkpoint-2")
+    run(launch("ddp", "-m", "hf_tbn", *train_cli(tmp_path / "resumed", 2, "--resume")))
+    assert sorted(p.name for p in (tmp_path / "resumed-checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert main(train_cli(tmp_path / "single", 4)) == 0
+    capsys.readouterr()
+
+    whole, resumed, single = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "resumed", "single"))
+    assert whole.keys() == resumed.keys() == single.keys()
+    assert any(t.dim() == 3 for t in whole.values())  # latent TBN layers: (p, out/p, in)
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(single[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)
+    # transformers multiplies a loss by the number of processes unless told it is a per-batch mean
+    ddp, one = (json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("whole", "single"))
+    assert ddp["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)

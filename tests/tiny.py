@@ -8,11 +8,15 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 
-def tiny_bert_classifier(folder: Path, tokenizer_dir: Path, num_labels: int) -> Path:
-    """A randomly initialised 1-layer BERT classifier (width 32) saved with ``tokenizer_dir``'s tokenizer."""
+def tiny_bert_classifier(folder: Path, tokenizer_dir: Path, num_labels: int, dropout: float = 0.1) -> Path:
+    """A randomly initialised 1-layer BERT classifier (width 32) saved with ``tokenizer_dir``'s tokenizer.
+
+    ``dropout`` 0: batches split differently (processes, accumulation) then train alike.
+    """
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                     intermediate_size=64, num_labels=num_labels)
+                     intermediate_size=64, num_labels=num_labels, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
     BertForSequenceClassification(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     return folder

@@ -327,9 +327,14 @@ def make_trainer(model: PreTrainedModel, args: TrainingArguments, task: str, tok
     common = {"model": model, "args": args, "train_dataset": train, "eval_dataset": evaluation,
               "data_collator": collate, "processing_class": tokenizer,
               "compute_metrics": _classification_metrics if classify else None}
-    if distill is None:
-        return TBNTrainer(**common, warmup=warmup)
-    return DistillationTrainer(**common, teacher=teacher, distill=distill, warmup=warmup)
+    if distill is not None:
+        return DistillationTrainer(**common, teacher=teacher, distill=distill, warmup=warmup)
+    trainer = TBNTrainer(**common, warmup=warmup)
+    if classify:
+        # A classifier's loss is a per-batch mean (BERT's ignores num_items_in_batch), which transformers would
+        # still treat as token-normalised: times the processes under DDP, undivided by the accumulation steps.
+        trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 def evaluate(trainer: Trainer, task: str) -> dict[str, float]:
