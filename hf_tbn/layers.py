@@ -282,6 +282,9 @@ class TBNLayer(nn.Module):
         """Latent -> packed, in place: exact (the bits and alphas of the current latent state)."""
         if self.form == "packed":
             return self
+        if hasattr(self.weight, "full_tensor"):  # a DTensor: this process holds only its shard
+            raise ValueError(f"{self.layer_name}: the latent weight is sharded (FSDP); gather the whole parameters "
+                             "(FSDPModule.unshard(), or Trainer.save_model) before packing")
         tile = tiling.pack_bits(tiling.aggregate_sign(self.weight.detach(), self.compression_factor))
         alpha = self.alpha_values().clone()
         for key in self._state_keys():

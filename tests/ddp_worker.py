@@ -1,18 +1,24 @@
-"""Trainer fine-tune of a TBN model, run by tests/test_distributed.py under ``accelerate launch``.
+"""Fine-tune of a TBN model, run by tests/test_distributed.py under ``accelerate launch``.
 
-    python ddp_worker.py MODEL_DIR OUT_DIR {qat,lora} PER_DEVICE_BATCH STEPS
+    python ddp_worker.py MODEL_DIR OUT_DIR {qat,lora,fsdp2} PER_DEVICE_BATCH STEPS
 
+``qat`` and ``lora`` train with Trainer (DDP when launched as several processes). ``fsdp2`` is QAT with the
+model sharded by ``torch.distributed.fsdp.fully_shard`` and a plain AdamW loop: on CPU, accelerate 1.x runs
+``--use_fsdp`` as plain DDP (no FSDP plugin for its MULTI_CPU type), so Trainer cannot shard here.
 Each process writes ``OUT_DIR/rank{N}.pt``: its trainable tensors after training and, for QAT,
 the packed tiles and alphas of every TBN layer.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model, tbn_layers
@@ -36,24 +42,56 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
 
 
+def train_fully_sharded(model: LlamaForCausalLM, out_dir: str, batch: int, steps: int) -> tuple[int, int]:
+    """QAT under FSDP2 (each decoder layer and the root sharded) on the global batches Trainer's sequential
+    sampler would give; one process trains the same loop unsharded. Sharded, packing a layer must be refused
+    (``OUT_DIR/refused{N}.pt``: the message). Returns (rank, world size)."""
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    data, optimizer = TokenData(), torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        start = (step * world + rank) * batch
+        ids = torch.stack([data[i % len(data)]["input_ids"] for i in range(start, start + batch)])
+        model(input_ids=ids, labels=ids).loss.backward()  # FSDP2 averages the gradients over the processes
+        optimizer.step()
+        optimizer.zero_grad()
+    if dist.is_initialized():
+        try:
+            next(layer for _, layer in tbn_layers(model)).pack()
+        except ValueError as e:  # a shard cannot be packed
+            torch.save(str(e), Path(out_dir) / f"refused{rank}.pt")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()  # whole parameters, so that pack_model tiles the whole latent weights
+    return rank, world
+
+
 def main(model_dir: str, out_dir: str, mode: str, batch: int, steps: int) -> None:
     model = LlamaForCausalLM.from_pretrained(model_dir, quantization_config=TBNConfig(min_compress_size=0))
-    if mode == "lora":
-        torch.manual_seed(0)
-        model = get_peft_model(pack_model(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    args = TrainingArguments(
-        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-2,
-        train_sampling_strategy="sequential", save_strategy="no", report_to=[], use_cpu=True, seed=0,
-        disable_tqdm=True, logging_steps=1, ddp_find_unused_parameters=False,
-    )
-    Trainer(model=model, args=args, train_dataset=TokenData()).train()
+    if mode == "fsdp2":
+        rank, world = train_fully_sharded(model, out_dir, batch, steps)
+    else:
+        if mode == "lora":
+            torch.manual_seed(0)
+            model = get_peft_model(pack_model(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        args = TrainingArguments(
+            output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-2,
+            train_sampling_strategy="sequential", save_strategy="no", report_to=[], use_cpu=True, seed=0,
+            disable_tqdm=True, logging_steps=1, ddp_find_unused_parameters=False,
+        )
+        Trainer(model=model, args=args, train_dataset=TokenData()).train()
+        rank, world = args.process_index, args.world_size
     # FSDP2 leaves DTensor shards: gather them so every rank reports whole tensors.
     result = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
-    if mode == "qat":
+    if mode != "lora":
         for name, layer in tbn_layers(pack_model(model)):
             result[f"{name}.tile"], result[f"{name}.alpha"] = _whole(layer.tile), _whole(layer.alpha)
-    result["world_size"] = torch.tensor(args.world_size)
-    torch.save(result, Path(out_dir) / f"rank{args.process_index}.pt")
+    result["world_size"] = torch.tensor(world)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     end_process_group()
 
 
