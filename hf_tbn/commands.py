@@ -320,7 +320,11 @@ def train(args: argparse.Namespace) -> int:
 
 def check_processes(training: TrainingArguments) -> None:
     """Refuse a multi-process launch that ``training`` (``TrainingArguments``) does not run data-parallel: every
-    process would train a model of its own and write OUT."""
+    process would train a model of its own and write OUT. Refuse FSDP: OUT is written from the main process's
+    weights, which FSDP leaves as shards (docs/peft-and-distributed.md)."""
+    if training.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise UserError("FSDP (--fsdp, or accelerate launch --use_fsdp): train writes OUT from whole weights and "
+                        "runs data-parallel only; launch with accelerate launch --multi_gpu (DDP)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training.world_size != launched:
         raise UserError(f"launched as {launched} processes (WORLD_SIZE={launched}) but Trainer would run "

@@ -356,6 +356,19 @@ def test_train_refuses_a_missing_column(fp_folder: Path, reviews: Path, tmp_path
     assert not (tmp_path / "bad").exists()
 
 
+def test_train_refuses_fsdp(fp_folder: Path, reviews: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """OUT is written from whole weights; FSDP would leave the main process a shard of each (and on CPU accelerate
+    runs --use_fsdp as DDP anyway): refused, asked for in TrainingArguments or by accelerate launch."""
+    out = tmp_path / "out"
+    assert main(["train", str(fp_folder), str(reviews), str(out), "--fsdp", "full_shard"]) == 2
+    assert "FSDP (--fsdp, or accelerate launch --use_fsdp)" in error_line(capsys)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert main(["train", str(fp_folder), str(reviews), str(out)]) == 2
+    assert "launch with accelerate launch --multi_gpu (DDP)" in error_line(capsys)
+    assert not out.exists() and not (tmp_path / "out-checkpoints").exists()
+
+
 def test_demo_runs_end_to_end_into_fresh_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A shrunken budget (the README's default is the full one): same path, every line of the table."""
     from hf_tbn.demos.bbc import fresh_run_dir
