@@ -37,11 +37,6 @@ class TokenData(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
-
-
 def train_fully_sharded(model: LlamaForCausalLM, out_dir: str, batch: int, steps: int) -> tuple[int, int]:
     """QAT under FSDP2 (each decoder layer and the root sharded) on the global batches Trainer's sequential
     sampler would give; one process trains the same loop unsharded. Sharded, packing a layer must be refused
@@ -66,7 +61,7 @@ def train_fully_sharded(model: LlamaForCausalLM, out_dir: str, batch: int, steps
             torch.save(str(e), Path(out_dir) / f"refused{rank}.pt")
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module.unshard()  # whole parameters, so that pack_model tiles the whole latent weights
+            module.unshard()  # whole parameters (not DTensor shards) to pack and report
     return rank, world
 
 
@@ -85,11 +80,10 @@ def main(model_dir: str, out_dir: str, mode: str, batch: int, steps: int) -> Non
         )
         Trainer(model=model, args=args, train_dataset=TokenData()).train()
         rank, world = args.process_index, args.world_size
-    # FSDP2 leaves DTensor shards: gather them so every rank reports whole tensors.
-    result = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
+    result = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     if mode != "lora":
         for name, layer in tbn_layers(pack_model(model)):
-            result[f"{name}.tile"], result[f"{name}.alpha"] = _whole(layer.tile), _whole(layer.alpha)
+            result[f"{name}.tile"], result[f"{name}.alpha"] = layer.tile.clone(), layer.alpha.clone()
     result["world_size"] = torch.tensor(world)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     end_process_group()
