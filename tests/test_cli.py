@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_bert_classifier, tiny_llama_lm
+from tiny import reviews_csv, tiny_bert_classifier, tiny_llama_lm
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -50,13 +49,7 @@ def check_companions(out: Path) -> None:
 @pytest.fixture(scope="module")
 def reviews(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 labelled texts as CSV."""
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        for i in range(40):
-            writer.writerow([("great fun" if i % 2 else "dull and slow") + f" {i}", "pos" if i % 2 else "neg"])
-    return path
+    return reviews_csv(tmp_path_factory.mktemp("data") / "reviews.csv")
 
 
 def forms(folder: Path) -> set[tuple[str, int]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import socket
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_bert_classifier, tiny_llama_lm
+from tiny import reviews_csv, tiny_bert_classifier, tiny_llama_lm
 
 from hf_tbn.cli import main
 
@@ -114,10 +113,7 @@ def test_cli_train_classification_resumed_under_ddp_matches_the_whole_run(tmp_pa
     from the half-way checkpoint under DDP it writes the very weights of the uninterrupted DDP run, and both match
     one process trained on the same batches, evaluation loss included."""
     src = tiny_bert_classifier(tmp_path / "fp", minilm_dir, num_labels=2, dropout=0.0)
-    data = tmp_path / "reviews.csv"
-    with data.open("w", newline="") as f:
-        csv.writer(f).writerows([("text", "label")] + [(f"{'great fun' if i % 2 else 'dull and slow'} {i}",
-                                                         "pos" if i % 2 else "neg") for i in range(40)])
+    data = reviews_csv(tmp_path / "reviews.csv")
 
     def train_cli(out: Path, batch: int, *extra: str) -> list[str]:
         return ["train", str(src), str(data), str(out), "--p", "4", "--min-compress-size", "0", "--max_steps", "4",

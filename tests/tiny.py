@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import torch
@@ -31,6 +32,16 @@ def tiny_llama_lm(folder: Path, tokenizer_dir: Path) -> Path:
                       num_attention_heads=4, num_key_value_heads=2)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
+
+
+def reviews_csv(path: Path) -> Path:
+    """40 labelled texts (``text``, ``label`` pos / neg, alternating) as CSV."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(40):
+            writer.writerow([("great fun" if i % 2 else "dull and slow") + f" {i}", "pos" if i % 2 else "neg"])
+    return path
 
 
 class Tokens(torch.utils.data.Dataset):
