@@ -7,7 +7,9 @@ by default the checkpoint the student was converted from (:func:`load_teacher`).
 
 where ``*_T`` are the softmax of the logits divided by the temperature ``T`` and ``w_kl(t)``
 follows :meth:`DistillConfig.kl_weight_at` (zero, then a linear ramp to ``kl_weight``). The
-hidden term is the mean over the selected hidden states of ``|h_s - h_t|^2 / |h_t|^2``.
+hidden term is the mean over the selected hidden states of ``|h_s - h_t|^2 / |h_t|^2``. With
+``skip_teacher_mistakes`` (classification) the KL leaves out the examples whose label is not the
+teacher's top class.
 
 One line with Trainer::
 
@@ -45,6 +47,9 @@ class DistillConfig:
         hidden_weight: weight of the hidden-state term (0: off, the teacher's hidden states are not asked for).
         hidden_layers: indices into ``outputs.hidden_states`` (0 is the embedding output) the hidden term
             compares; ``None``: every one after the embeddings.
+        skip_teacher_mistakes: classification (one class label per logit row): count the KL only where the
+            label is the teacher's top class, so that the teacher's own mistakes on the training data never
+            pull the student away from the label.
     """
 
     kl_weight: float = 1.0
@@ -54,6 +59,7 @@ class DistillConfig:
     kl_ramp: float = 0.0
     hidden_weight: float = 0.0
     hidden_layers: tuple[int, ...] | None = None
+    skip_teacher_mistakes: bool = False
 
     def __post_init__(self) -> None:
         for name in ("kl_weight", "task_weight", "hidden_weight", "kl_start", "kl_ramp"):
@@ -64,6 +70,9 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.temperature must be positive, got {self.temperature!r}")
         if self.kl_start + self.kl_ramp > 1:
             raise ValueError(f"DistillConfig.kl_start + kl_ramp must be at most 1, got {self.kl_start + self.kl_ramp}")
+        if not isinstance(self.skip_teacher_mistakes, bool):
+            raise ValueError(f"DistillConfig.skip_teacher_mistakes must be True or False, "
+                             f"got {self.skip_teacher_mistakes!r}")
         if self.task_weight == 0 and self.kl_weight == 0 and self.hidden_weight == 0:
             raise ValueError("DistillConfig: task_weight, kl_weight and hidden_weight are all 0: nothing to train")
 
@@ -76,8 +85,8 @@ class DistillConfig:
         return self.kl_weight * min(1.0, (progress - self.kl_start) / self.kl_ramp)
 
 
-# The number-valued DistillConfig fields, the ones a command line sets (hidden_layers stays a Python option).
-NUMBER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DistillConfig) if f.type == "float")
+# The DistillConfig fields a command line sets (hidden_layers stays a Python option).
+OPTION_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DistillConfig) if f.type in ("float", "bool"))
 
 
 def load_teacher(student: PreTrainedModel, source: str | Path | PreTrainedModel | None = None) -> PreTrainedModel:
@@ -159,6 +168,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
+def teacher_right(labels: Any, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``mask`` (None: every row) narrowed to the rows of ``teacher_logits`` ``(..., classes)`` whose top class is
+    the label; ``labels`` must hold one class index per row."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.shape != teacher_logits.shape[:-1]:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"DistillConfig.skip_teacher_mistakes needs one class label per logit row: labels {shape} "
+                         f"against logits {tuple(teacher_logits.shape)}")
+    right = teacher_logits.argmax(-1) == labels
+    return right if mask is None else mask & right
+
+
 def position_mask(inputs: dict[str, Any], leading_shape: torch.Size) -> torch.Tensor | None:
     """Positions that count: labels not ``-100`` for token-level labels, else the attention mask, else all."""
     labels = inputs.get("labels")
@@ -192,6 +212,10 @@ class DistillationTrainer(TBNTrainer):
         super().__init__(*args, **kwargs)
         self.distill = distill if distill is not None else DistillConfig()
         self.model_accepts_loss_kwargs = False  # the task loss stays a per-batch mean, like the other terms
+        if self.distill.skip_teacher_mistakes and self.model.can_generate():
+            raise ValueError(f"DistillConfig.skip_teacher_mistakes: {type(self.model).__name__} generates text, and "
+                             "its labels are shifted inside the model, so they cannot be compared with the teacher's "
+                             "top classes; it is meant for classification")
         self.teacher = load_teacher(self.model, teacher)
         self.distill_log: dict[str, float] = {}
 
@@ -213,6 +237,8 @@ class DistillationTrainer(TBNTrainer):
         terms = {"task_loss": task}
         if kl_weight:
             mask = position_mask(inputs, student_logits.shape[:-1])
+            if cfg.skip_teacher_mistakes:
+                mask = teacher_right(inputs.get("labels"), teacher_out["logits"], mask)
             terms["kl_loss"] = kl_loss(student_logits, teacher_out["logits"], cfg.temperature, mask)
             loss = loss + kl_weight * terms["kl_loss"]
         if cfg.hidden_weight:

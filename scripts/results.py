@@ -153,15 +153,17 @@ def budget_rates(rates: dict[str, float]) -> float | dict[str, float]:
 def add_variant_options(parser: argparse.ArgumentParser, default: str) -> None:
     """The options of the Trainer-based scripts: ``--variants`` (see :func:`parse_variant`), ``--validation``,
     the warm-up fraction, the distillation weights and ``--alpha-param``."""
-    from hf_tbn.distill import NUMBER_FIELDS, DistillConfig
+    from hf_tbn.distill import OPTION_FIELDS, DistillConfig
     from hf_tbn.qat import DEFAULT_WARMUP
 
     add_layer_options(parser)
     parser.add_argument("--variants", help=f"comma-separated (default {default})")
     parser.add_argument("--validation", action="store_true", help="score on a validation split of the training data")
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP, help="warm-up fraction of +warmup variants")
-    for field_name in NUMBER_FIELDS:
-        parser.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=getattr(DistillConfig, field_name))
+    for field_name in OPTION_FIELDS:
+        default = getattr(DistillConfig, field_name)
+        kind = {"action": "store_true"} if isinstance(default, bool) else {"type": float, "default": default}
+        parser.add_argument(f"--{field_name.replace('_', '-')}", **kind)
     parser.add_argument("--hidden-layers", type=lambda v: tuple(int(i) for i in v.split(",")),
                         help="comma-separated indices into hidden_states for --hidden-weight (default: every layer)")
 
@@ -183,13 +185,13 @@ class VariantPlan:
 def variant_plan(args: argparse.Namespace, default: str, quick_default: str, fp_teacher: bool) -> VariantPlan:
     """The variants ``--variants`` (else the default, or the quick one) names, parsed, with their distillation
     settings; ``fp_teacher``: +distill variants learn from the fp variant's model, which must come first."""
-    from hf_tbn.distill import NUMBER_FIELDS, DistillConfig
+    from hf_tbn.distill import OPTION_FIELDS, DistillConfig
 
     names = [v for v in (args.variants or (quick_default if args.quick else default)).split(",") if v]
     parsed = [parse_variant(v) for v in names]
     if fp_teacher and any(distill for _, _, distill in parsed) and names[0] != "fp":
         raise ValueError("a +distill variant needs the fp variant first (its teacher)")
-    distill = DistillConfig(**{name: getattr(args, name) for name in NUMBER_FIELDS}, hidden_layers=args.hidden_layers)
+    distill = DistillConfig(**{name: getattr(args, name) for name in OPTION_FIELDS}, hidden_layers=args.hidden_layers)
     return VariantPlan(names, parsed, distill)
 
 

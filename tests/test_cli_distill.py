@@ -101,8 +101,8 @@ def test_an_explicit_teacher_is_used(fp_folder: Path, teacher_fp: Path, reviews:
     """A base classifier with an unnamed head distils from the --teacher given, not from itself."""
     out = tmp_path / "out"
     assert main(["train", str(fp_folder), str(reviews), str(out), "--distill", "--teacher", str(teacher_fp),
-                 "--save_strategy", "no", *COMMON]) == 0
-    assert trainers == [Trained(DistillationTrainer, DistillConfig(), str(teacher_fp))]
+                 "--skip_teacher_mistakes", "--save_strategy", "no", *COMMON]) == 0
+    assert trainers == [Trained(DistillationTrainer, DistillConfig(skip_teacher_mistakes=True), str(teacher_fp))]
     assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label == {0: "neg", 1: "pos"}
 
 
@@ -145,6 +145,10 @@ def test_teacher_fine_tune_trains_the_teacher_first_and_resumes_exactly(
         (["{teacher}", "--kl_weight", "0.5"], "--kl_weight is an option of --distill, which is not given"),
         (["{fp}", "--teacher", "{teacher}"], "--teacher is an option of --distill"),
         (["{teacher}", "--distill", "--temperature", "0"], "temperature must be positive"),
+        (["{teacher}", "--skip_teacher_mistakes"],
+         "--skip_teacher_mistakes is an option of --distill, which is not given"),
+        (["{teacher}", "--distill", "--skip_teacher_mistakes", "--task", "causal-lm"],
+         "--skip_teacher_mistakes is for --task classification, not causal-lm"),
         (["{teacher}", "--distill", "--teacher", "{tmp}"], "the output would write over the input {tmp}"),
         (["{fp}", "--distill", "--teacher_fine_tune", "--teacher", "{teacher}"],
          "--teacher {teacher} and --teacher_fine_tune: give one"),

@@ -17,7 +17,7 @@ from tiny import Tokens
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, TrainingArguments
 
 from hf_tbn import TBNConfig, pack_model, tbn_layers
-from hf_tbn.distill import DistillationTrainer, DistillConfig, hidden_loss, kl_loss, load_teacher
+from hf_tbn.distill import DistillationTrainer, DistillConfig, hidden_loss, kl_loss, load_teacher, teacher_right
 from hf_tbn.qat import end_process_group
 
 TBN = TBNConfig(min_compress_size=0)
@@ -73,6 +73,18 @@ def test_hidden_loss_is_the_relative_squared_error_of_the_chosen_layers() -> Non
         hidden_loss(s, t, (5,))
 
 
+def test_teacher_right_keeps_the_rows_whose_label_is_the_teacher_top_class() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 1.0, 5.0], [1.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 2, 2, -100])
+    mask = labels != -100
+    assert teacher_right(labels, logits, mask).tolist() == [True, False, True, False]
+    assert teacher_right(labels, logits, None).tolist() == [True, False, True, False]
+    with pytest.raises(ValueError, match=r"labels \(4, 3\) against logits \(4, 3\)"):
+        teacher_right(logits, logits, None)  # soft (multi-label) targets have no class to compare
+    with pytest.raises(ValueError, match="labels NoneType"):
+        teacher_right(None, logits, None)
+
+
 def test_kl_weight_schedule_and_bad_settings() -> None:
     cfg = DistillConfig(kl_weight=0.5, kl_start=0.2, kl_ramp=0.4)
     assert [cfg.kl_weight_at(x) for x in (0.0, 0.1, 0.2, 0.4, 0.6, 1.0)] == pytest.approx([0, 0, 0, 0.25, 0.5, 0.5])
@@ -85,6 +97,8 @@ def test_kl_weight_schedule_and_bad_settings() -> None:
         DistillConfig(kl_start=0.5, kl_ramp=0.6)
     with pytest.raises(ValueError, match="nothing to train"):
         DistillConfig(kl_weight=0, task_weight=0)
+    with pytest.raises(ValueError, match="skip_teacher_mistakes must be True or False"):
+        DistillConfig(skip_teacher_mistakes=1)
 
 
 # -- the teacher ---------------------------------------------------------------------------
@@ -149,6 +163,48 @@ def test_distillation_pulls_the_student_to_the_teacher(tiny_llama_dir: Path, tmp
     assert all(torch.equal(before[n], p) for n, p in teacher.state_dict().items())  # frozen
     logged = [e for e in trainer.state.log_history if "kl_loss" in e]
     assert len(logged) == 10 and all("hidden_loss" in e and "task_loss" in e for e in logged)
+
+
+class Classes(torch.utils.data.Dataset):
+    """Tokens() sequences, each with a class label from ``labels``."""
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        self.ids, self.labels = Tokens().ids, labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def test_skip_teacher_mistakes_leaves_the_teacher_mistakes_out_of_the_kl(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Labels the teacher always gets right: the same training as without the option; labels it always gets wrong:
+    the same as without a KL term."""
+    torch.manual_seed(0)
+    fp = LlamaForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=3, pad_token_id=0).eval()
+    fp.save_pretrained(tmp_path / "fp")
+    with torch.no_grad():
+        logits = fp(input_ids=Tokens().ids).logits  # (32, 3)
+
+    def train(labels: torch.Tensor, distill: DistillConfig, name: str) -> dict[str, torch.Tensor]:
+        model = LlamaForSequenceClassification.from_pretrained(tmp_path / "fp", quantization_config=TBN)
+        DistillationTrainer(model=model, args=targs(tmp_path / name, steps=3), train_dataset=Classes(labels),
+                            teacher=fp, distill=distill).train()
+        return trained_state(model)
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+
+    right, wrong = logits.argmax(-1), logits.argmin(-1)
+    skip = DistillConfig(skip_teacher_mistakes=True)
+    assert same(train(right, skip, "right-skip"), train(right, DistillConfig(), "right"))
+    skipped = train(wrong, skip, "wrong-skip")
+    assert same(skipped, train(wrong, DistillConfig(kl_weight=0), "wrong-task"))
+    assert not same(skipped, train(wrong, DistillConfig(), "wrong"))  # the KL did count there without the option
+    with pytest.raises(ValueError, match="LlamaForCausalLM generates text"):
+        DistillationTrainer(model=student(tiny_llama_dir), args=targs(tmp_path / "lm"), train_dataset=Tokens(),
+                            distill=skip)
 
 
 def test_evaluation_scores_the_task_loss_alone(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from transformers import (
 from transformers.trainer_utils import SaveStrategy
 
 from hf_tbn import TBNConfig, to_latent_model
-from hf_tbn.distill import NUMBER_FIELDS, DistillationTrainer, DistillConfig
+from hf_tbn.distill import OPTION_FIELDS, DistillationTrainer, DistillConfig
 from hf_tbn.qat import TBNTrainer
 
 Task = Literal["classification", "causal-lm"]
@@ -93,17 +93,22 @@ class TrainArguments:
         "help": "--distill: fraction of training over which the KL weight then rises to --kl_weight"})
     hidden_weight: float = field(default=DistillConfig.hidden_weight, metadata={
         "help": "--distill: weight of the hidden-state term (0: off)"})
+    skip_teacher_mistakes: bool = field(default=DistillConfig.skip_teacher_mistakes, metadata={
+        "help": "--distill, classification: leave out of the KL the examples the teacher gets wrong"})
 
 
 def distill_config(args: TrainArguments) -> DistillConfig | None:
     """The distillation settings of ``args.distill``; None without it, when its options must keep their defaults."""
-    given = {name: getattr(args, name) for name in NUMBER_FIELDS}  # each a TrainArguments field
+    given = {name: getattr(args, name) for name in OPTION_FIELDS}  # each a TrainArguments field
     if args.distill:
         if args.teacher_fine_tune and args.teacher is not None:
             raise ValueError(f"--teacher {args.teacher} and --teacher_fine_tune: give one (the teacher is either "
                              "that model or SRC fine-tuned first)")
         if args.teacher_learning_rate is not None and not args.teacher_fine_tune:
             raise ValueError("--teacher_learning_rate is an option of --teacher_fine_tune, which is not given")
+        if args.skip_teacher_mistakes and args.task != "classification":
+            raise ValueError(f"--skip_teacher_mistakes is for --task classification, not {args.task} (its labels are "
+                             "compared with the teacher's top class)")
         return DistillConfig(**given)
     unused = [name for name, value in given.items() if value != getattr(DistillConfig, name)]
     unused += [name for name in ("teacher", "teacher_fine_tune", "teacher_learning_rate")
