@@ -1,4 +1,4 @@
-"""The compiled CPU kernel (``kernels/tbn_lut.c``) against a float64 reference, its build and its dispatch."""
+"""The compiled CPU kernel (``hf_tbn/kernels/tbn_lut.c``) against a float64 reference, its build and its dispatch."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tbn.kernels import backends, native
 from kernel_reference import TOL, random_tile, reference, rel_err, strided_row_offset_output
 
 from hf_tbn import TBNLinear
+from hf_tbn.kernels import backends, native
 
 
 def test_kernel_builds_here() -> None:

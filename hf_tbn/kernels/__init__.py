@@ -1,4 +1,4 @@
-"""Compute paths for packed TBN layers (installed as ``hf_tbn.kernels``).
+"""Compute paths for packed TBN layers.
 
 - :mod:`.backends`: the table of backends (``"torch"``, ``"native"``, ``"triton"``; ``"auto"`` picks) and
   the two entries the layers call, ``linear`` and ``conv``.
@@ -8,8 +8,5 @@
 - :mod:`.ops`: the two compiled launchers as torch custom ops (fake implementations, the one backward).
 - :mod:`.conv`: Conv1d/Conv2d on every backend (torch convs, or a kernel through unfold).
 
-Nothing is imported here: run from a checkout's root, this folder is also importable as a
-top-level ``kernels``, the name transformers imports while probing for Hugging Face's own
-``kernels`` package (docs/foundation.md); an empty module passes that probe harmlessly.
-Triton is imported on first use.
+Nothing is imported here; Triton is imported on first use.
 """

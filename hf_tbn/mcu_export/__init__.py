@@ -1,4 +1,4 @@
-"""Exporter of small TBN models to microcontroller C (installed as ``hf_tbn.mcu_export``).
+"""Exporter of small TBN models to microcontroller C.
 
 ``export_model(model, input_shape, out_dir)`` writes portable C99 (packed tiles, scales and
 biases as ``const`` arrays, BatchNorm folded, one static arena, no malloc) with the entry
