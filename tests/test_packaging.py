@@ -15,6 +15,7 @@ CHECK = """
 import importlib.util, pathlib, sys
 import hf_tbn, hf_tbn.kernels, hf_tbn.mcu_export
 import transformers.utils.import_utils as iu
+assert "kernels" not in sys.modules  # hf_tbn never imports Hugging Face's kernels package
 root = pathlib.Path(sys.argv[1])
 spec = importlib.util.find_spec("kernels")
 assert spec is None or pathlib.Path(spec.origin) not in {root / "kernels" / "__init__.py", root / "kernels.py"}, spec
