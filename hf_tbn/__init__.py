@@ -14,27 +14,18 @@ import importlib
 from .import_hooks import after_import
 
 
-def _register_quantizer() -> None:
-    from .quantizer import register
+def _import_on(trigger: str, module: str) -> None:
+    """Import ``hf_tbn.<module>``, which registers itself with ``trigger``'s library as it loads, once ``trigger`` is.
 
-    register()
-
-
-def _register_lora() -> None:
-    from .lora import register_with_peft
-
-    register_with_peft()
+    The module registers itself at its own end rather than being called from here: a user who imports it first (it
+    imports ``trigger``) would otherwise have the hook call into the half-executed module.
+    """
+    after_import(trigger, lambda: importlib.import_module(f".{module}", __name__))
 
 
-def _register_warmup() -> None:
-    from .warmup import register_with_trainer
-
-    register_with_trainer()
-
-
-after_import("transformers.quantizers.auto", _register_quantizer)
-after_import("transformers.trainer", _register_warmup)
-after_import("peft", _register_lora)
+_import_on("transformers.quantizers.auto", "quantizer")
+_import_on("transformers.trainer", "warmup")
+_import_on("peft", "lora")
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {

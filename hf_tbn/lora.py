@@ -3,10 +3,10 @@
 :class:`TBNLoraLinear` is LoRA on a :class:`TBNLinear` in either form (QLoRA-style on packed
 tiles, or beside latent weights) and :func:`dispatch_tbn` is its dispatcher, returning None for
 any other layer. peft has no public registry of dispatchers, so :func:`register_with_peft` (run
-when peft is imported, see :mod:`hf_tbn.import_hooks`) wraps three ``LoraModel`` methods (the
-dispatch, the merge check, the device placement of new adapters); each wrapper calls peft's own
-method unchanged unless TBN layers are involved. The trade-off against
-the alternatives is written in docs/peft-and-distributed.md.
+when this module loads, which ``import hf_tbn`` makes happen as soon as peft is imported) wraps
+three ``LoraModel`` methods (the dispatch, the merge check, the device placement of new adapters);
+each wrapper calls peft's own method unchanged unless TBN layers are involved. The trade-off
+against the alternatives is written in docs/peft-and-distributed.md.
 
 Merging is refused: a LoRA delta is dense and cannot be absorbed by a binary tile without
 changing the model, so ``merge_and_unload`` / ``merge_adapter`` raise a ``ValueError`` naming the
@@ -102,3 +102,6 @@ def register_with_peft() -> None:
     LoraModel._check_merge_allowed = _check_merge_allowed
     LoraModel._replace_module = _replace_module
     LoraModel._hf_tbn_registered = True
+
+
+register_with_peft()

@@ -1,4 +1,5 @@
-"""The transformers ``HfQuantizer`` for TBN, registered as ``"tbn"`` when ``hf_tbn`` is imported.
+"""The transformers ``HfQuantizer`` for TBN, registered as ``"tbn"`` when this module loads (``import hf_tbn`` loads it
+as soon as transformers loads its quantizers).
 
 Loading with ``from_pretrained(..., quantization_config=TBNConfig(...))`` swaps the eligible
 layers for latent TBN layers on the meta device; the checkpoint's full-precision weights then
@@ -217,3 +218,6 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(TBNConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(TBNHfQuantizer)
+
+
+register()

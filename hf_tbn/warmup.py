@@ -16,8 +16,8 @@ adds :class:`QuantizationWarmup` to transformers' default callbacks, and it take
 from the model's ``TBNConfig(warmup=...)`` (``"auto"``: :data:`DEFAULT_WARMUP`, except for models
 that generate, ``can_generate()``: language models, whose head is already trained, get none). It
 does nothing for a model without latent TBN layers. ``hf_tbn.qat.TBNTrainer(warmup=...)``
-overrides the fraction. This module imports no ``transformers.trainer`` (it is registered while
-that module loads).
+overrides the fraction. This module imports no ``transformers.trainer`` (about a second): it
+registers once something else has.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from transformers.trainer_callback import TrainerCallback, TrainerControl, Train
 
 from .config import QUANT_METHOD, TBNConfig
 from .convert import tbn_layers
+from .import_hooks import after_import
 
 # "auto" warms up every model but generative ones: on BBC (a new classification head) it lifted p = 4
 # from 1.2 points below fp to above it and stopped p = 8 collapsing; on SmolLM2 (a pretrained LM head)
@@ -108,3 +109,6 @@ def register_with_trainer() -> None:
 
     if QuantizationWarmup not in trainer.DEFAULT_CALLBACKS:
         trainer.DEFAULT_CALLBACKS.append(QuantizationWarmup)
+
+
+after_import("transformers.trainer", register_with_trainer)

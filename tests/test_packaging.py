@@ -1,4 +1,5 @@
-"""The installed package: its subpackages, and nothing in the checkout shadowing Hugging Face's ``kernels``."""
+"""The installed package: its subpackages, its registrations whatever is imported first, and nothing in the checkout
+shadowing Hugging Face's ``kernels``."""
 
 from __future__ import annotations
 
@@ -35,3 +36,27 @@ def test_subpackages_import_and_nothing_shadows_kernels(where: str, tmp_path: Pa
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok", "hf_tbn.kernels", "hf_tbn.mcu_export"]
+
+
+# Each module that registers hf_tbn with a library, imported first in a fresh process (before the library it registers
+# with), then the libraries: every registration must be in place. hf_tbn.quantizer and hf_tbn.lora import their
+# library themselves, which fires hf_tbn's import hook while they are half executed (until session 19: ImportError).
+REGISTERED = """
+import sys
+import {module}
+assert ("transformers.trainer" in sys.modules) == ({module!r} == "hf_tbn.qat"), "{module} imports the trainer"
+import peft.tuners.lora, transformers.quantizers.auto, transformers.trainer
+from hf_tbn.warmup import QuantizationWarmup
+print("tbn" in transformers.quantizers.auto.AUTO_QUANTIZER_MAPPING,
+      "tbn" in transformers.quantizers.auto.AUTO_QUANTIZATION_CONFIG_MAPPING,
+      QuantizationWarmup in transformers.trainer.DEFAULT_CALLBACKS,
+      getattr(peft.tuners.lora.LoraModel, "_hf_tbn_registered", False))
+"""
+
+
+@pytest.mark.parametrize("module", ["hf_tbn", "hf_tbn.quantizer", "hf_tbn.lora", "hf_tbn.warmup", "hf_tbn.qat"])
+def test_registrations_whatever_is_imported_first(module: str, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", REGISTERED.format(module=module)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True"] * 4
