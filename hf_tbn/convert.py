@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections import Counter
@@ -86,6 +87,7 @@ def plan_conversion(module: nn.Module, config: TBNConfig, keep_dense: Collection
     unused |= {("layer_compression_factors", pat) for pat in config.layer_compression_factors}
     head = output_layer(module, candidates)
     plan: dict[str, int] = {}
+    reduced: dict[str, int] = {}  # layer -> the width its copies split, where p could not be kept
     for name, m in candidates.items():
         skipped = [pat for pat in config.modules_to_not_convert or () if name_matches(name, pat)]
         unused -= {("modules_to_not_convert", pat) for pat in skipped}
@@ -109,9 +111,20 @@ def plan_conversion(module: nn.Module, config: TBNConfig, keep_dense: Collection
         else:
             p = config.compression_factor
             plan[name] = tiling.resolve_factor(shape, p, config.min_compress_size, groups, layout)
+            if plan[name] < p and math.prod(shape) >= config.min_compress_size:
+                reduced[name] = tiling.split_width(shape, layout)
     if unused:
         field, pat = min(unused)
         raise ValueError(f"{field} pattern {pat!r} matches no convertible layer (Linear, Conv1D, Conv1d, Conv2d)")
+    if reduced:
+        examples = ", ".join(f"{name} (width {width}) -> p={plan[name]}" for name, width in list(reduced.items())[:3])
+        warnings.warn(
+            f"{len(reduced)} layer(s) get a smaller factor than compression_factor={config.compression_factor}, "
+            "which must divide the width their tile copies split (and suit a grouped conv's groups; "
+            f"docs/foundation.md, 'Per-layer factors'): {examples}{', ...' if len(reduced) > 3 else ''}. "
+            "Choose a factor that divides these widths, or set one per layer with layer_compression_factors",
+            stacklevel=2,
+        )
     return plan
 
 

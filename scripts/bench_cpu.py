@@ -192,9 +192,8 @@ def call_overhead_table(shapes: list[tuple[int, int]], p: int, repeats: int, cha
     """Per packed layer at M = 1, in a chain of ``chain`` layers (in -> out -> in ...), so that a compiled call's
     guards are paid once per chain as in a model: eager, every layer through the custom op, compiled whole,
     and the floor, the bare ctypes calls of the C kernel on preallocated buffers."""
-    from hf_tbn.kernels import native
-
     from hf_tbn.convert import tbn_from_dense
+    from hf_tbn.kernels import native
 
     lib, op = native.library(), torch.ops.hf_tbn.tile_linear_native
     print(f"\nper-call cost of a packed layer at M = 1 (p={p}; chains of {chain} layers, us per layer), median of "

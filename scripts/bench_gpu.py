@@ -29,10 +29,10 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 import triton  # noqa: E402
-from hf_tbn.kernels import triton_tbn  # noqa: E402
 
 import hf_tbn  # noqa: E402
 from hf_tbn import tiling  # noqa: E402
+from hf_tbn.kernels import triton_tbn  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]  # (in, out): Llama-3-8B attention / MLP, Llama-70B MLP

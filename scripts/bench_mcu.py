@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from doc_blocks import replace_block
-from hf_tbn.mcu_export import toolchain as tc
-from hf_tbn.mcu_export.codegen import c_float
-from hf_tbn.mcu_export.lower import Op, PoolOp, ReluOp, WeightedOp, lower, prepare
 from torch import nn
 
 from hf_tbn import TBNLinear, mcu_export
 from hf_tbn.demos import fashion_mnist as demo
+from hf_tbn.mcu_export import toolchain as tc
+from hf_tbn.mcu_export.codegen import c_float
+from hf_tbn.mcu_export.lower import Op, PoolOp, ReluOp, WeightedOp, lower, prepare
 
 DEFAULT_CMSIS = Path(__file__).resolve().parents[2] / "shared" / "third_party" / "cmsis-nn"
 CMSIS_DIRS = ("FullyConnectedFunctions", "ConvolutionFunctions", "NNSupportFunctions", "PoolingFunctions")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -25,12 +27,22 @@ def small_net() -> nn.Sequential:
 def test_convert_sequential_with_the_factor_rule() -> None:
     model = small_net()
     config = TBNConfig(compression_factor=8, min_compress_size=1000)
-    convert_model(model, config)
+    reduced = r"1 layer\(s\) get a smaller factor than compression_factor=8.*: 4 \(width 300\) -> p=6\."
+    with pytest.warns(UserWarning, match=reduced):
+        convert_model(model, config)
     assert isinstance(model[0], TBNConv2d) and isinstance(model[4], TBNLinear) and isinstance(model[6], TBNLinear)
     assert isinstance(model[1], nn.BatchNorm2d)
     # conv: 648 < 1000 -> binary; fc1: 8 divides 300? no -> largest divisor <= 8 is 6; fc2, the output layer: 1
     assert config.converted_layers == {"0": 1, "4": 6, "6": 1}
     assert {name: layer.compression_factor for name, layer in tbn_layers(model)} == config.converted_layers
+
+
+def test_a_factor_every_width_takes_converts_without_a_warning() -> None:
+    config = TBNConfig(compression_factor=4, min_compress_size=1000)  # 300 outputs: 4 divides them; the conv is binary
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_model(small_net(), config)
+    assert config.converted_layers == {"0": 1, "4": 4, "6": 1}
 
 
 def test_conversion_starts_from_the_dense_weights() -> None:

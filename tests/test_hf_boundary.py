@@ -167,6 +167,17 @@ def test_output_layer_stays_p1_and_an_explicit_factor_warns() -> None:
         convert_model(small(), TBNConfig(min_compress_size=0, layer_compression_factors={"2": 2}))
 
 
+def test_a_factor_the_widths_do_not_take_warns_once_naming_the_layers(folders: dict[str, Path]) -> None:
+    with pytest.warns(UserWarning) as record:
+        model = BertForSequenceClassification.from_pretrained(
+            folders["fp"], quantization_config=TBNConfig(compression_factor=3, min_compress_size=0))
+    reduced = [str(w.message) for w in record if "smaller factor" in str(w.message)]
+    assert len(reduced) == 1  # planned once, not again when the plan is applied
+    assert reduced[0].startswith("7 layer(s) get a smaller factor than compression_factor=3, ")
+    assert f"{QUERY} (width 32) -> p=2" in reduced[0]
+    assert set(model.config.quantization_config.converted_layers.values()) == {2}  # the classifier stays dense
+
+
 # -- 6. Trainer resume -----------------------------------------------------------------------------------------------
 class Repeat(torch.utils.data.Dataset):
     def __len__(self) -> int:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tbn.kernels import torch_path
 from kernel_reference import TOL, random_tile, reference, rel_err, strided_row_offset_output
 from torch import nn
 
 from hf_tbn import TBNConfig, TBNConv1d, TBNConv2d, TBNLinear, convert_model, pack_model, tiling
+from hf_tbn.kernels import torch_path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported; triton reads it at launch too
 from hf_tbn.kernels import conv, triton_tbn  # noqa: E402
