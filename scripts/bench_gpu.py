@@ -10,7 +10,13 @@
    matmul at 8192^3), then for each shape (in x out), M and p the medians (triton's
    ``do_bench``, L2 flushed between runs) of torch's bf16 matmul on the dense equivalent, the
    TBN kernel, and our p = 1 binary kernel, with achieved GB/s (bytes actually moved) and
-   TFLOP/s (dense-equivalent 2*M*in*out / time) and the issue's targets.
+   TFLOP/s (dense-equivalent 2*M*in*out / time) and the issue's targets; beside them the torch
+   backend on the same GPU (the tile expanded to bf16 signs, then cuBLAS on ``out/p`` rows).
+3. A tiny Llama through a user's path on the device: ``from_pretrained`` with a ``TBNConfig``,
+   ``Trainer`` steps, packed, saved, loaded again; logits of the "triton" backend against
+   "torch", and ``generate``.
+4. ``--sweep`` (CUDA only): each candidate block configuration timed per shape and M (bf16,
+   p = 8), printing the heuristic's time and the best three, to tune ``triton_tbn._blocks``.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 is set before
 triton is imported); ``--quick`` uses tiny shapes so CI can run it on CPU. On the GPU
@@ -22,6 +28,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from unittest import mock
 
 import torch
 
@@ -32,10 +40,14 @@ import triton  # noqa: E402
 
 import hf_tbn  # noqa: E402
 from hf_tbn import tiling  # noqa: E402
-from hf_tbn.kernels import triton_tbn  # noqa: E402
+from hf_tbn.kernels import torch_path, triton_tbn  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]  # (in, out): Llama-3-8B attention / MLP, Llama-70B MLP
+# Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for --sweep: decoding (M <= 16) and GEMM sizes.
+DECODE_BLOCKS = [(16, n, k, w, s) for n in (16, 32, 64) for k in (128, 256, 512) for w, s in ((4, 3), (4, 4), (2, 3))]
+GEMM_BLOCKS = [(bm, bn, k, w, s) for bm, bn in ((64, 64), (64, 128), (128, 64), (128, 128), (128, 256))
+               for k in (64, 128) for w, s in ((4, 3), (8, 3), (8, 4))]
 
 
 def random_case(m: int, k: int, rows: int, p: int, dtype: torch.dtype, device: str, row0: int = 0):
@@ -104,8 +116,45 @@ def check_layers(device: str) -> list[str]:
     return failures
 
 
-def median_ms(fn) -> float:  # noqa: ANN001
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+def check_model(device: str) -> list[str]:
+    """A tiny Llama through a user's path on ``device``: quantized load, Trainer, pack, save, load, generate."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(0, 256, (16, 12))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    with tempfile.TemporaryDirectory() as folder:
+        LlamaForCausalLM(cfg).save_pretrained(f"{folder}/fp")
+        model = AutoModelForCausalLM.from_pretrained(
+            f"{folder}/fp", quantization_config=hf_tbn.TBNConfig(compression_factor=4), device_map=device
+        )
+        args = TrainingArguments(f"{folder}/run", max_steps=4, per_device_train_batch_size=8, report_to=[],
+                                 save_strategy="no", use_cpu=device == "cpu")
+        loss = Trainer(model=model, args=args, train_dataset=data).train().training_loss
+        hf_tbn.pack_model(model)
+        model.save_pretrained(f"{folder}/packed")
+        model = AutoModelForCausalLM.from_pretrained(f"{folder}/packed", device_map=device)
+        x = ids[:2].to(device)
+        with torch.no_grad():
+            logits = {b: hf_tbn.set_backend(model, b)(x).logits.double() for b in ("torch", "triton")}
+            prompt = x[:, :4]
+            tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+        half = AutoModelForCausalLM.from_pretrained(f"{folder}/packed", device_map=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            half_logits = {b: hf_tbn.set_backend(half, b)(x).logits.double() for b in ("torch", "triton")}
+    err = ((logits["triton"] - logits["torch"]).abs().max() / logits["torch"].abs().max()).item()
+    # bf16 logits: each backend rounds every layer's output to bf16, so they differ by more than one kernel call
+    half_err = ((half_logits["triton"] - half_logits["torch"]).abs().max() / half_logits["torch"].abs().max()).item()
+    ok = err < TOL[torch.float32] and half_err < 5e-2 and tokens.shape == (2, 10) and loss == loss
+    print(f"model tiny Llama p=4 on {device}: Trainer loss {loss:.3f}, packed reload triton vs torch rel err "
+          f"{err:.2e} (bf16 {half_err:.2e}), generate {tuple(tokens.shape)}  {'ok' if ok else 'FAIL'}")
+    return [] if ok else ["model"]
+
+
+def median_ms(fn, rep: int = 100) -> float:  # noqa: ANN001
+    return triton.testing.do_bench(fn, warmup=rep // 4, rep=rep, return_mode="median")
 
 
 def ceilings() -> tuple[float, float]:
@@ -122,26 +171,28 @@ def speed_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int]) -> 
     """Markdown table of cuBLAS bf16 vs the TBN kernel; returns the target lines."""
     copy_gbs, mm_tflops = ceilings()
     print(f"\nceilings: copy {copy_gbs:.0f} GB/s, bf16 cuBLAS matmul {mm_tflops:.0f} TFLOP/s (8192^3)")
-    print("| in x out | M | p | cuBLAS bf16 ms | TBN ms | x cuBLAS | x p=1 kernel | TBN GB/s | TBN TFLOP/s dense-eq |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| in x out | M | p | cuBLAS bf16 ms | TBN ms | x cuBLAS | x p=1 kernel | TBN GB/s | TBN TFLOP/s dense-eq "
+          "| torch backend ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     targets = []
     for d_in, d_out in shapes:
         w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16)
         for m in ms:
             x = torch.randn(m, d_in, device="cuda", dtype=torch.bfloat16)
             dense = median_ms(lambda: x @ w.t())  # noqa: B023
-            times = {}
+            times, torch_times = {}, {}
             for p in sorted(set(ps) | {1}):
                 rows = d_out // p
                 bits = tiling.pack_bits(torch.randn(rows * d_in, device="cuda"))
                 alpha = torch.rand(p, device="cuda")
                 times[p] = median_ms(lambda: triton_tbn.tile_linear(x, bits, alpha, None, rows))  # noqa: B023
+                torch_times[p] = median_ms(lambda: torch_path.tile_linear(x, bits, alpha, None, rows))  # noqa: B023
             for p in ps:
                 moved = 2 * m * d_in + d_in * d_out // (8 * p) + 2 * m * d_out
                 flops = 2 * m * d_in * d_out
                 print(f"| {d_in}x{d_out} | {m} | {p} | {dense:.4f} | {times[p]:.4f} | {dense / times[p]:.2f} | "
-                      f"{times[1] / times[p]:.2f} | {moved / times[p] / 1e6:.0f} | {flops / times[p] / 1e9:.1f} |",
-                      flush=True)
+                      f"{times[1] / times[p]:.2f} | {moved / times[p] / 1e6:.0f} | {flops / times[p] / 1e9:.1f} | "
+                      f"{torch_times[p]:.4f} |", flush=True)
                 if (d_in, d_out, m, p) == (4096, 14336, 1, 8):
                     targets.append(f"M=1 p=8 4096x14336: x{dense / times[p]:.2f} cuBLAS bf16 (target >= 5)")
                 if m == 2048 and p == 8:
@@ -150,19 +201,44 @@ def speed_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int]) -> 
     return targets
 
 
+def sweep(shapes: list[tuple[int, int]], ms: list[int], p: int) -> None:
+    """Times every candidate block configuration (bf16) per shape and M; prints the heuristic's and the best three."""
+    print(f"\nblock sweep, bf16, p = {p}: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) ms")
+    for d_in, d_out in shapes:
+        rows = d_out // p
+        bits = tiling.pack_bits(torch.randn(rows * d_in, device="cuda"))
+        alpha = torch.rand(p, device="cuda")
+        for m in ms:
+            x = torch.randn(m, d_in, device="cuda", dtype=torch.bfloat16)
+            current = triton_tbn._blocks(m, rows, x.dtype)
+            timed = {}
+            for blocks in dict.fromkeys([current, *(DECODE_BLOCKS if m <= 16 else GEMM_BLOCKS)]):
+                with mock.patch.object(triton_tbn, "_blocks", lambda *_, b=blocks: b):
+                    try:
+                        timed[blocks] = median_ms(lambda: triton_tbn.tile_linear(x, bits, alpha, None, rows), 40)  # noqa: B023
+                    except triton.runtime.errors.OutOfResources:
+                        continue
+            best = sorted(timed, key=timed.get)[:3]
+            print(f"{d_in}x{d_out} M={m}: heuristic {current} {timed[current]:.4f}; best "
+                  + ", ".join(f"{b} {timed[b]:.4f}" for b in best), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny correctness shapes (CI on CPU), small table")
+    parser.add_argument("--sweep", action="store_true", help="also time candidate block shapes (CUDA only)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter"
     print(f"device: {name}; torch {torch.__version__}, triton {triton.__version__}")
-    failures = check_kernels(device, args.quick) + check_layers(device)
+    failures = check_kernels(device, args.quick) + check_layers(device) + check_model(device)
     print(f"correctness: {'all ok' if not failures else f'{len(failures)} FAIL'}")
     if device == "cuda":
         shapes, ms = (SHAPES[:1], [1, 2048]) if args.quick else (SHAPES, [1, 16, 128, 2048])
         for line in speed_table(shapes, ms, [1, 4, 8]):
             print("target:", line)
+        if args.sweep:
+            sweep(shapes, ms, 8)
     else:
         print("speed table: skipped (needs a CUDA GPU; interpreted timings mean nothing)")
     sys.exit(1 if failures else 0)

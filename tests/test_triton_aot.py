@@ -1,7 +1,7 @@
 """The Triton kernel compiled ahead of time for real GPUs (sm_80, sm_90) on this CPU machine, down to cubin.
 
-Every configuration :func:`hf_tbn.kernels.triton_tbn._blocks` can choose (decode ``M <= 16``, ``M <= 64``,
-larger ``M``) in every activation dtype, for both targets, through :func:`triton_tbn.compile_ahead` (the
+Every configuration :func:`hf_tbn.kernels.triton_tbn._blocks` can choose (decode ``M <= 16``, larger ``M``
+on few or many tile rows) in every activation dtype, for both targets, through :func:`triton_tbn.compile_ahead` (the
 launcher's own arguments, specialized as a launch would): a change that would fail to compile on a GPU
 fails here. Rows on bytes or not (``ALIGNED``) and bias or none alternate so that each (dtype, blocks,
 ``ALIGNED``) combination is compiled for one of the two targets. Runs in a fresh process (the other test
@@ -26,19 +26,21 @@ pytest.importorskip("triton")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def launch_jobs() -> list[tuple[int, str, int, int, bool]]:
-    """``(arch, dtype, M, K, bias)``: each block configuration ``_blocks`` gives for M up to 8192, in each dtype."""
+def launch_jobs() -> list[tuple[int, str, int, int, int, bool]]:
+    """``(arch, dtype, M, rows, K, bias)``: each block configuration ``_blocks`` gives for M up to 8192 and 40 or
+    4096 tile rows, in each dtype."""
     from hf_tbn.kernels import triton_tbn  # _blocks only (the pytest process may run Triton interpreted)
 
     jobs = []
     for dtype_name, dtype in DTYPES.items():
-        first_m = {}
+        first = {}
         for m in range(8192, 0, -1):
-            first_m[triton_tbn._blocks(m, dtype)] = m
-        for i, m in enumerate(sorted(first_m.values())):
+            for rows in (4096, 40):
+                first[triton_tbn._blocks(m, rows, dtype)] = (m, rows)
+        for i, (m, rows) in enumerate(sorted(first.values())):
             for arch in (80, 90):
                 aligned = (i + arch // 10) % 2 == 0  # sm_80 and sm_90 take the two row layouts in turn
-                jobs.append((arch, dtype_name, m, 72 if aligned else 37, i % 2 == 0))
+                jobs.append((arch, dtype_name, m, rows, 72 if aligned else 37, i % 2 == 0))
     return jobs
 
 
@@ -51,14 +53,15 @@ from hf_tbn import tiling
 from hf_tbn.kernels import triton_tbn
 
 def compile_one(job):
-    arch, dtype, m, k, bias = job
-    dtype, rows, p = getattr(torch, dtype), 40, 4
+    arch, dtype, m, rows, k, bias = job
+    dtype, p = getattr(torch, dtype), 4
     tile = tiling.pack_bits(torch.randn(rows * k))
     x, alpha, b = torch.randn(m, k, dtype=dtype), torch.rand(p, dtype=dtype), torch.randn(p * rows, dtype=dtype)
     kernel = triton_tbn.compile_ahead(GPUTarget("cuda", arch, 32), x, tile, alpha, b if bias else None, rows)
     ptx = kernel.asm["ptx"]
     return {"job": job, "stages": list(kernel.asm), "cubin_bytes": len(kernel.asm["cubin"]),
-            "blocks": triton_tbn._blocks(m, dtype), "warps": kernel.metadata.num_warps,
+            "blocks": triton_tbn._blocks(m, rows, dtype), "warps": kernel.metadata.num_warps,
+            "num_stages": kernel.metadata.num_stages,
             "tensor_cores": "mma.sync" in ptx or "wgmma" in ptx}
 
 with ProcessPoolExecutor(2) as pool:
@@ -69,7 +72,7 @@ with ProcessPoolExecutor(2) as pool:
 
 def test_every_launch_configuration_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
     jobs = launch_jobs()
-    assert len({(dtype, m) for _, dtype, m, _, _ in jobs}) >= 9  # 3 dtypes x (decode, M <= 64, larger M)
+    assert len({(dtype, m, rows) for _, dtype, m, rows, _, _ in jobs}) >= 9  # 3 dtypes x (decode, small grid, large)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # a real compile, not a cache hit
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, stated (it warns when unset)
@@ -83,7 +86,7 @@ def test_every_launch_configuration_compiles_for_sm80_and_sm90(tmp_path: Path) -
     for c in compiled:
         dtype = c["job"][1]
         assert c["stages"][-2:] == ["ptx", "cubin"] and c["cubin_bytes"] > 0, c
-        assert c["warps"] == c["blocks"][3], c
+        assert (c["warps"], c["num_stages"]) == tuple(c["blocks"][3:]), c
         assert c["tensor_cores"] == (dtype != "float32"), c  # fp16/bf16: mma.sync / wgmma; fp32: IEEE FMA
-    layouts = {(dtype, m, k % 8 == 0) for _, dtype, m, k, _ in jobs}
+    layouts = {(dtype, m, k % 8 == 0) for _, dtype, m, _, k, _ in jobs}
     assert layouts == {(dtype, m, aligned) for dtype, m, _ in layouts for aligned in (True, False)}

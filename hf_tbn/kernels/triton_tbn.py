@@ -82,18 +82,28 @@ def _tile_linear_kernel(
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(m: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)`` (a heuristic, not yet tuned on a GPU).
+Blocks = tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+FILL_PROGRAMS = 128  # programs that keep a large GPU busy (an H200 has 132 multiprocessors)
 
-    Decoding (``M <= 16``) is latency bound: 16-row N blocks give more programs and long K
-    blocks fewer serial steps (4096 inputs in 16 steps of 256). GEMM sizes use square tiles.
+
+def _blocks(m: int, rows: int, dtype: torch.dtype) -> Blocks:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for ``M`` inputs and ``rows`` tile rows.
+
+    Chosen from sweeps on an H200 (bf16, docs/kernels.md "GPU"): the largest blocks that still give
+    ``FILL_PROGRAMS`` programs. Decoding (``M <= 16``) is latency bound: 16-row N blocks, and
+    512-long K blocks (fewer serial steps) while the rows give fewer than ``2 * FILL_PROGRAMS``
+    programs. Larger M: 128 x 128, else 128 x 64, else 64 x 64 blocks with a longer K step
+    (M = 128 ran twice as fast with them as with 128 x 128).
     """
     block_k = 32 if dtype == torch.float32 else 64
     if m <= 16:
-        return 16, 16, 4 * block_k, 4
-    if m <= 64:
-        return 64, 64, block_k, 4
-    return 128, 128, block_k, 8
+        long_k = triton.cdiv(rows, 16) < 2 * FILL_PROGRAMS
+        return 16, 16, (8 if long_k else 4) * block_k, 4, 3
+    if triton.cdiv(m, 128) * triton.cdiv(rows, 128) >= FILL_PROGRAMS:
+        return 128, 128, block_k, 8, 3
+    if triton.cdiv(m, 128) * triton.cdiv(rows, 64) >= FILL_PROGRAMS:
+        return 128, 64, 2 * block_k, 8, 3
+    return 64, 64, 2 * block_k, 8, 4
 
 
 Launch = tuple[tuple[int, int], tuple, dict]  # (grid, positional arguments, keyword arguments) of a kernel launch
@@ -115,7 +125,7 @@ def _launch(
         out = x.new_empty(m, p * rows)
     elif out.shape != (m, p * rows):
         raise ValueError(f"triton tile_linear: out has shape {tuple(out.shape)}, expected {(m, p * rows)}")
-    block_m, block_n, block_k, warps = _blocks(m, x.dtype)
+    block_m, block_n, block_k, warps, stages = _blocks(m, rows, x.dtype)
     upcast = INTERPRETED and x.dtype == torch.bfloat16
     grid = (triton.cdiv(m, block_m), triton.cdiv(rows, block_n))
     args = (
@@ -126,6 +136,7 @@ def _launch(
     constants = {
         "HAS_BIAS": bias is not None, "ALIGNED": k % 8 == 0, "IEEE": x.dtype == torch.float32 or upcast,
         "UPCAST": upcast, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps,
+        "num_stages": stages,
     }
     return grid, args, constants
 
