@@ -12,6 +12,8 @@
    TBN kernel, and our p = 1 binary kernel, with achieved GB/s (bytes actually moved) and
    TFLOP/s (dense-equivalent 2*M*in*out / time) and the issue's targets; beside them the torch
    backend on the same GPU (the tile expanded to bf16 signs, then cuBLAS on ``out/p`` rows).
+   Decode sizes (M = 1, 16) again as chains of layers on distinct weights, each chain one CUDA
+   graph: a single small call measures launch latency, and a repeated one reads a cached tile.
 3. A tiny Llama through a user's path on the device: ``from_pretrained`` with a ``TBNConfig``,
    ``Trainer`` steps, packed, saved, loaded again; logits of the "triton" backend against
    "torch", and ``generate``.
@@ -44,6 +46,7 @@ from hf_tbn.kernels import torch_path, triton_tbn  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]  # (in, out): Llama-3-8B attention / MLP, Llama-70B MLP
+CHAIN_BYTES = 256 << 20  # weights streamed per timed decode chain: over 4x the H200's 60 MB L2
 # Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for --sweep: decoding (M <= 16) and GEMM sizes.
 DECODE_BLOCKS = [(16, n, k, w, s) for n in (16, 32, 64) for k in (128, 256, 512) for w, s in ((4, 3), (4, 4), (2, 3))]
 GEMM_BLOCKS = [(bm, bn, k, w, s) for bm, bn in ((64, 64), (64, 128), (128, 64), (128, 128), (128, 256))
@@ -167,6 +170,51 @@ def ceilings() -> tuple[float, float]:
     return copy_gbs, mm_tflops
 
 
+def chain_ms(calls: list) -> float:  # noqa: ANN001
+    """ms per call of ``calls`` (each on its own weights) replayed as one CUDA graph: no launch gaps, no L2 reuse."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:  # compiles and warms up outside the capture
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return median_ms(graph.replay) / len(calls)
+
+
+def decode_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int]) -> list[str]:
+    """Markdown table of decode-sized calls timed in chains on distinct weights; returns the target line."""
+    print(f"\ndecode, chained: ms per call, each timed call one CUDA graph of layers on distinct weights "
+          f"(>= {CHAIN_BYTES >> 20} MB, over 4x the L2)")
+    print("| in x out | M | p | cuBLAS bf16 ms | TBN ms | x cuBLAS | cuBLAS GB/s | TBN GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    targets = []
+    for d_in, d_out in shapes:
+        for m in ms:
+            x = torch.randn(m, d_in, device="cuda", dtype=torch.bfloat16)
+            n = max(4, -(-CHAIN_BYTES // (2 * d_in * d_out)))
+            weights = [torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
+            dense = chain_ms([lambda w=w: x @ w.t() for w in weights])  # noqa: B023
+            del weights
+            for p in ps:
+                rows = d_out // p
+                tile_bytes = rows * d_in // 8
+                n = min(4096, max(4, -(-CHAIN_BYTES // tile_bytes)))
+                tiles = [torch.randint(0, 256, (tile_bytes,), dtype=torch.uint8, device="cuda") for _ in range(n)]
+                alpha = torch.rand(p, device="cuda")
+                tbn = chain_ms([lambda t=t: triton_tbn.tile_linear(x, t, alpha, None, rows) for t in tiles])  # noqa: B023
+                io = 2 * m * (d_in + d_out)
+                print(f"| {d_in}x{d_out} | {m} | {p} | {dense:.4f} | {tbn:.4f} | {dense / tbn:.2f} | "
+                      f"{(2 * d_in * d_out + io) / dense / 1e6:.0f} | {(tile_bytes + io) / tbn / 1e6:.0f} |",
+                      flush=True)
+                if (d_in, d_out, m, p) == (4096, 14336, 1, 8):
+                    targets.append(f"M=1 p=8 4096x14336, chained: x{dense / tbn:.2f} cuBLAS bf16 (target >= 5)")
+    return targets
+
+
 def speed_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int]) -> list[str]:
     """Markdown table of cuBLAS bf16 vs the TBN kernel; returns the target lines."""
     copy_gbs, mm_tflops = ceilings()
@@ -235,7 +283,7 @@ def main() -> None:
     print(f"correctness: {'all ok' if not failures else f'{len(failures)} FAIL'}")
     if device == "cuda":
         shapes, ms = (SHAPES[:1], [1, 2048]) if args.quick else (SHAPES, [1, 16, 128, 2048])
-        for line in speed_table(shapes, ms, [1, 4, 8]):
+        for line in speed_table(shapes, ms, [1, 4, 8]) + decode_table(shapes, [1, 16], [1, 4, 8]):
             print("target:", line)
         if args.sweep:
             sweep(shapes, ms, 8)
