@@ -88,5 +88,5 @@ def test_every_launch_configuration_compiles_for_sm80_and_sm90(tmp_path: Path) -
         assert c["stages"][-2:] == ["ptx", "cubin"] and c["cubin_bytes"] > 0, c
         assert (c["warps"], c["num_stages"]) == tuple(c["blocks"][3:]), c
         assert c["tensor_cores"] == (dtype != "float32"), c  # fp16/bf16: mma.sync / wgmma; fp32: IEEE FMA
-    layouts = {(dtype, m, k % 8 == 0) for _, dtype, m, _, k, _ in jobs}
-    assert layouts == {(dtype, m, aligned) for dtype, m, _ in layouts for aligned in (True, False)}
+    layouts = {(dtype, m, rows, k % 8 == 0) for _, dtype, m, rows, k, _ in jobs}
+    assert layouts == {(dtype, m, rows, aligned) for dtype, m, rows, _ in layouts for aligned in (True, False)}
