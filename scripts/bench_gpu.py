@@ -65,6 +65,11 @@ def random_case(m: int, k: int, rows: int, p: int, dtype: torch.dtype, device: s
     return torch.randn(m, k, device=device).to(dtype), bits, alpha, bias
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest deviation from ``ref``, relative to ``ref``'s largest value (in float64)."""
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
 def reference(x, bits, alpha, bias, rows, row0=0):  # noqa: ANN001, ANN201
     k = x.shape[1]
     t = tiling.unpack_bits(bits, bits.numel() * 8, torch.float64)[row0 * k : (row0 + rows) * k].view(rows, k)
@@ -119,8 +124,7 @@ def check_gemv_candidate(device: str) -> list[str]:
     for dtype in (torch.float32, torch.bfloat16):
         for m, (k, rows), p in [(1, (64, 9), 4), (3, (1000, 77), 8), (16, (4096, 40), 2)]:
             x, bits, alpha, _ = random_case(m, k, rows, p, dtype, device)
-            err = ((gemv_candidate(x, bits, alpha, rows).double() - (ref := reference(x, bits, alpha, None, rows)))
-                   .abs().max() / ref.abs().max()).item()
+            err = rel_err(gemv_candidate(x, bits, alpha, rows), reference(x, bits, alpha, None, rows))
             ok = err < TOL[dtype]
             print(f"gemv candidate M={m} K={k} rows={rows} p={p} {str(dtype)[6:]}: rel err {err:.2e}  "
                   f"{'ok' if ok else 'FAIL'}")
@@ -146,7 +150,7 @@ def check_kernels(device: str, quick: bool) -> list[str]:
                 out = torch.full((m, p * rows), float("nan"), device=device, dtype=dtype)
                 triton_tbn.tile_linear(x, bits, alpha, bias, rows, row0, out=out)
                 ref = reference(x, bits, alpha, bias, rows, row0)
-                err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                err = rel_err(out, ref)
                 ok = not out.isnan().any().item() and err < TOL[dtype]
                 name = f"{m:>4} {k:>5} {rows:>5} {row0:>4} {p:>3} {str(dtype)[6:]:>9} {str(with_bias):>5} {err:>9.2e}"
                 print(f"{name}  {'ok' if ok else 'FAIL'}", flush=True)
@@ -172,8 +176,8 @@ def check_layers(device: str) -> list[str]:
         with torch.no_grad():
             for backend in ("torch", "triton"):
                 layer.backend = backend
-                outputs[backend] = layer(x).double()
-        err = ((outputs["triton"] - outputs["torch"]).abs().max() / outputs["torch"].abs().max()).item()
+                outputs[backend] = layer(x)
+        err = rel_err(outputs["triton"], outputs["torch"])
         ok = err < TOL[torch.float32]
         print(f"layer {name:<14} triton vs torch rel err {err:.2e}  {'ok' if ok else 'FAIL'}")
         if not ok:
@@ -203,15 +207,15 @@ def check_model(device: str) -> list[str]:
         model = AutoModelForCausalLM.from_pretrained(f"{folder}/packed", device_map=device)
         x = ids[:2].to(device)
         with torch.no_grad():
-            logits = {b: hf_tbn.set_backend(model, b)(x).logits.double() for b in ("torch", "triton")}
+            logits = {b: hf_tbn.set_backend(model, b)(x).logits for b in ("torch", "triton")}
             prompt = x[:, :4]
             tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
         half = AutoModelForCausalLM.from_pretrained(f"{folder}/packed", device_map=device, dtype=torch.bfloat16)
         with torch.no_grad():
-            half_logits = {b: hf_tbn.set_backend(half, b)(x).logits.double() for b in ("torch", "triton")}
-    err = ((logits["triton"] - logits["torch"]).abs().max() / logits["torch"].abs().max()).item()
+            half_logits = {b: hf_tbn.set_backend(half, b)(x).logits for b in ("torch", "triton")}
+    err = rel_err(logits["triton"], logits["torch"])
     # bf16 logits: each backend rounds every layer's output to bf16, so they differ by more than one kernel call
-    half_err = ((half_logits["triton"] - half_logits["torch"]).abs().max() / half_logits["torch"].abs().max()).item()
+    half_err = rel_err(half_logits["triton"], half_logits["torch"])
     ok = err < TOL[torch.float32] and half_err < 5e-2 and tokens.shape == (2, 10) and loss == loss
     print(f"model tiny Llama p=4 on {device}: Trainer loss {loss:.3f}, packed reload triton vs torch rel err "
           f"{err:.2e} (bf16 {half_err:.2e}), generate {tuple(tokens.shape)}  {'ok' if ok else 'FAIL'}")
