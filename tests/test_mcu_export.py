@@ -270,6 +270,35 @@ def test_both_table_kinds_match_on_host(nibble_table_rows: int, tmp_path: Path) 
         assert torch.equal(host.argmax(1), ref.argmax(1)), name
 
 
+def _pixel_table_models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """Tiled convolutions of 16k input channels (tables per input pixel) in every geometry the lookup runs take."""
+    torch.manual_seed(4)
+    return [
+        ("16->8 p=2 strided, dilated", TBNConv2d(16, 8, 3, stride=2, padding=2, dilation=2, compression_factor=2),
+         (16, 9, 7)),
+        ("32->6 p=1 (2, 3) kernel", TBNConv2d(32, 6, (2, 3), stride=(1, 2), padding=(1, 0), compression_factor=1),
+         (32, 5, 6)),
+        ("16->4 p=2 windows wholly in the padding", TBNConv2d(16, 4, 2, padding=2, compression_factor=2), (16, 3, 3)),
+        ("64->8 p=4 input layout (16 combined channels)",
+         TBNConv2d(64, 8, 3, padding=1, compression_factor=4, tile_layout="input"), (64, 6, 5)),
+    ]
+
+
+def test_pixel_table_convolutions_match_on_host_and_board(tmp_path: Path) -> None:
+    for index, (name, conv, shape) in enumerate(_pixel_table_models()):
+        c = shape[0]  # two dense layers first, so the tiled one writes a buffer holding older activations
+        model = nn.Sequential(nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1), conv).eval()
+        x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(index))
+        with torch.no_grad():
+            ref = model(x).flatten(1)
+        export = export_model(model, shape, tmp_path / str(index))
+        assert "tbn_rt_conv2d_tile_pixels(" in export.plan.generated.source, name
+        host = tc.run_host(export, tc.build_host(export), x)
+        board = tc.run_board(export, tc.build_board(export), x)
+        assert rel_err(host, ref) <= MAX_REL_ERR, name
+        assert rel_err(board.outputs, ref) <= MAX_REL_ERR, name
+
+
 def test_row_padding_keeps_the_tiling_bit_order() -> None:
     model = nn.Sequential(TBNLinear(21, 4, compression_factor=2))
     fc = plan_export(model, (21,)).ops[0]

@@ -150,6 +150,9 @@ def _scratch_floats(op: WeightedOp, kind: str) -> tuple[int, int]:
     """Scratch floats a tiled op needs, and (linear) the halfwords of input whose tables are built at once."""
     stride = math.ceil(op.row_length / 16)
     per_halfword = 32 if kind == "TBN_RT_PAIR" else 64  # TBN_RT_TABLE_FLOATS
+    if op.pixel_tables:  # the tables of k_h input rows, 16 floats per 4 channels of a pixel
+        g = op.geometry
+        return g.k_h * g.in_w * 4 * g.in_c, 0
     if op.geometry is not None:
         return op.row_length + stride * per_halfword, stride
     chunk = max(1, min(stride, TABLE_CHUNK_FLOATS // per_halfword))
@@ -249,7 +252,10 @@ def _call(op: Op, base: str, src: str, dst: str, emitter: _Emitter, nibble_table
     if op.tile is not None:
         weights = emitter.halfwords(base + "_tile", op.tile)
         kind = table_kind(op, nibble_table_rows)
-        if op.geometry is not None:
+        if op.pixel_tables:
+            geom = emitter.geometry(base + "_geom", op.geometry, op.name)
+            first = f"    tbn_rt_conv2d_tile_pixels({src}, {geom}, {weights}, scratch, {dst});"
+        elif op.geometry is not None:
             geom = emitter.geometry(base + "_geom", op.geometry, op.name)
             first = f"    tbn_rt_conv2d_tile({src}, {geom}, {weights}, {kind}, scratch, {dst});"
         else:

@@ -97,6 +97,17 @@ class WeightedOp(Op):
     def scale_per_channel(self) -> bool:
         return self.scale is not None and self.scale.numel() == self.channels and self.channels != self.p
 
+    @property
+    def pixel_tables(self) -> bool:
+        """A tiled convolution whose tables are built once per input pixel (``tile`` rows in (kx, ky, ic) order)."""
+        return self.tile is not None and self.geometry is not None and _pixel_tables(self.geometry)
+
+
+def _pixel_tables(geometry: Geometry) -> bool:
+    """Whether a tiled convolution over this window runs on tables per input pixel: each tap's channels then
+    fill whole halfwords of the tile row (in_c % 16 == 0), so adjacent taps are one lookup run."""
+    return geometry.in_c % 16 == 0
+
 
 @dataclass
 class CombineOp(Op):
@@ -302,15 +313,18 @@ def _weighted_op(name: str, module: nn.Module, in_shape: tuple[int, ...], out_sh
         # the input layout's tile takes the combined input (a CombineOp before it) as one p = 1 layer
         label, copies = (f"{kind}(p={p}, input layout)", 1) if combined else (f"{kind}(p={p})", p)
         scale = torch.ones(1) if combined else module.alpha.detach().float().clone()
-        return WeightedOp(name, label, in_shape, out_shape, rows, copies, tile=_row_tile(module, rows), scale=scale,
-                          bias=bias, geometry=geometry)
+        return WeightedOp(name, label, in_shape, out_shape, rows, copies, tile=_row_tile(module, rows, geometry),
+                          scale=scale, bias=bias, geometry=geometry)
     return WeightedOp(name, kind, in_shape, out_shape, out_shape[0], 1, weight=module.weight.detach().float().clone(),
                       bias=bias, geometry=geometry)
 
 
-def _row_tile(layer: TBNLayer, rows: int) -> torch.Tensor:
-    """The tile's rows packed one by one, each padded to whole halfwords (``layer.tile`` when aligned)."""
+def _row_tile(layer: TBNLayer, rows: int, geometry: Geometry | None) -> torch.Tensor:
+    """The tile's rows packed one by one, each padded to whole halfwords (``layer.tile`` when aligned);
+    a convolution on tables per input pixel stores each row in (kx, ky, ic) order instead of (ic, ky, kx)."""
     values = layer.tile_values().view(rows, -1)
+    if geometry is not None and _pixel_tables(geometry):
+        values = values.view(rows, geometry.in_c, geometry.k_h, geometry.k_w).permute(0, 3, 2, 1).reshape(rows, -1)
     pad = (-values.shape[1]) % 16
     if pad:
         values = torch.cat([values, values.new_ones(rows, pad)], dim=1)

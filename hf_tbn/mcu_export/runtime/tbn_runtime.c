@@ -27,32 +27,34 @@ static inline void tbn_rt_nibble_table(const float *x, float *t) {
     t[15] = t15;
 }
 
-/* Tables of the inputs x[0, n) (zeros stand in after x[n - 1]): for TBN_RT_NIBBLE the 16
- * sums t[16 q + v] of each group q of 4 inputs, for TBN_RT_PAIR the 4 sums t[4 q + v] of
- * each pair q (-x0 - x1, x0 - x1, x1 - x0, x0 + x1). */
+/* t[v] for the 4 pairs v of signs of x[0], x[1]: -x0 - x1, x0 - x1, x1 - x0, x0 + x1. */
+static inline void tbn_rt_pair_table(const float *x, float *t) {
+    const float s = x[0] + x[1], d = x[0] - x[1];
+    t[0] = -s;
+    t[1] = d;
+    t[2] = -d;
+    t[3] = s;
+}
+
+/* Tables of the inputs x[0, n) and of zeros after them up to whole halfwords (16 inputs), so that
+ * a row's padding bits add nothing: for TBN_RT_NIBBLE the 16 sums t[16 q + v] of each group q
+ * of 4 inputs, for TBN_RT_PAIR the 4 sums t[4 q + v] of each pair q. */
 static void tbn_rt_tables(const float *x, uint32_t n, int kind, float *t) {
+    const uint32_t group = kind == TBN_RT_PAIR ? 2u : 4u, end = (n + 15u) / 16u * 16u;
     float padded[4];
-    uint32_t i, j;
+    uint32_t i = 0, j;
     if (kind == TBN_RT_PAIR) {
-        for (i = 0; i + 2u <= n; i += 2u, t += 4) {
-            const float s = x[i] + x[i + 1u], d = x[i] - x[i + 1u];
-            t[0] = -s;
-            t[1] = d;
-            t[2] = -d;
-            t[3] = s;
-        }
-        if (i < n) {
-            t[0] = -x[i];
-            t[1] = x[i];
-            t[2] = -x[i];
-            t[3] = x[i];
-        }
-        return;
+        for (; i + 2u <= n; i += 2u, t += 4) tbn_rt_pair_table(x + i, t);
+    } else {
+        for (; i + 4u <= n; i += 4u, t += 16) tbn_rt_nibble_table(x + i, t);
     }
-    for (i = 0; i + 4u <= n; i += 4u, t += 16) tbn_rt_nibble_table(x + i, t);
-    if (i < n) {
-        for (j = 0; j < 4u; ++j) padded[j] = i + j < n ? x[i + j] : 0.0f;
-        tbn_rt_nibble_table(padded, t);
+    for (; i < end; i += group, t += 1u << group) {
+        for (j = 0; j < group; ++j) padded[j] = i + j < n ? x[i + j] : 0.0f;
+        if (kind == TBN_RT_PAIR) {
+            tbn_rt_pair_table(padded, t);
+        } else {
+            tbn_rt_nibble_table(padded, t);
+        }
     }
 }
 
@@ -78,49 +80,44 @@ static void tbn_rt_tables(const float *x, uint32_t n, int kind, float *t) {
         (acc) += (tb)[(o) + 28u + ((v) >> 14)];         \
     } while (0)
 
-/* y[r * y_step] (+)= tile row r applied to the n inputs of the tables t: one lookup per BITS inputs
- * (4: nibble tables of 16 entries; 2: pair tables of 4, cheaper to build, for few rows). A row is
- * `stride` halfwords, 16 inputs each (lookup q of halfword k: inputs 16 k + BITS q ...); four
- * halfwords per iteration keep every table offset within a load's immediate. HALFWORD adds the
- * lookups of one halfword, whose tables take ENTRIES floats. */
-#define TBN_RT_LOOKUP(name, HALFWORD, ENTRIES, BITS)                                                           \
-    static void name(const float *t, uint32_t n, const uint16_t *tile, uint32_t stride, uint32_t rows,       \
+/* y[r * y_step] (+)= tile row r applied to the tables t of `halfwords` * 16 inputs: one lookup per
+ * BITS inputs (4: nibble tables of 16 entries; 2: pair tables of 4, cheaper to build, for few rows).
+ * A row is `stride` halfwords (lookup q of halfword k: inputs 16 k + BITS q ...); four halfwords per
+ * iteration keep every table offset within a load's immediate. HALFWORD adds the lookups of one
+ * halfword, whose tables take ENTRIES floats. */
+#define TBN_RT_LOOKUP(name, HALFWORD, ENTRIES)                                                                 \
+    static void name(const float *t, uint32_t halfwords, const uint16_t *tile, uint32_t stride, uint32_t rows, \
                      float *y, uint32_t y_step, int accumulate) {                                             \
-        const uint32_t quads = n / 64u, rest = (n / 16u) % 4u, tail = (n % 16u + (BITS) - 1u) / (BITS);       \
         uint32_t r;                                                                                           \
         for (r = 0; r < rows; ++r, tile += stride, y += y_step) {                                             \
             const uint16_t *w = tile;                                                                         \
             const float *tb = t;                                                                              \
             float acc = accumulate ? *y : 0.0f;                                                               \
             uint32_t k;                                                                                       \
-            for (k = quads; k != 0; --k, w += 4, tb += 4u * (ENTRIES)) {                                      \
+            for (k = halfwords / 4u; k != 0; --k, w += 4, tb += 4u * (ENTRIES)) {                             \
                 const uint32_t v0 = w[0], v1 = w[1], v2 = w[2], v3 = w[3];                                    \
                 HALFWORD(acc, tb, 0u, v0);                                                                    \
                 HALFWORD(acc, tb, (ENTRIES), v1);                                                             \
                 HALFWORD(acc, tb, 2u * (ENTRIES), v2);                                                        \
                 HALFWORD(acc, tb, 3u * (ENTRIES), v3);                                                        \
             }                                                                                                 \
-            for (k = rest; k != 0; --k, tb += (ENTRIES)) {                                                    \
+            for (k = halfwords % 4u; k != 0; --k, tb += (ENTRIES)) {                                          \
                 const uint32_t v = *w++;                                                                      \
                 HALFWORD(acc, tb, 0u, v);                                                                     \
-            }                                                                                                 \
-            if (tail != 0u) {                                                                                 \
-                uint32_t v = *w, q;                                                                           \
-                for (q = 0; q < tail; ++q, v >>= (BITS), tb += 1u << (BITS)) acc += tb[v & ((1u << (BITS)) - 1u)]; \
             }                                                                                                 \
             *y = acc;                                                                                         \
         }                                                                                                     \
     }
 
-TBN_RT_LOOKUP(tbn_rt_lookup_nibble, TBN_RT_HALFWORD, 64u, 4u)
-TBN_RT_LOOKUP(tbn_rt_lookup_pair, TBN_RT_HALFWORD_PAIRS, 32u, 2u)
+TBN_RT_LOOKUP(tbn_rt_lookup_nibble, TBN_RT_HALFWORD, 64u)
+TBN_RT_LOOKUP(tbn_rt_lookup_pair, TBN_RT_HALFWORD_PAIRS, 32u)
 
-static void tbn_rt_lookup(const float *t, uint32_t n, int kind, const uint16_t *tile, uint32_t stride, uint32_t rows,
-                          float *y, uint32_t y_step, int accumulate) {
+static void tbn_rt_lookup(const float *t, uint32_t halfwords, int kind, const uint16_t *tile, uint32_t stride,
+                          uint32_t rows, float *y, uint32_t y_step, int accumulate) {
     if (kind == TBN_RT_PAIR) {
-        tbn_rt_lookup_pair(t, n, tile, stride, rows, y, y_step, accumulate);
+        tbn_rt_lookup_pair(t, halfwords, tile, stride, rows, y, y_step, accumulate);
     } else {
-        tbn_rt_lookup_nibble(t, n, tile, stride, rows, y, y_step, accumulate);
+        tbn_rt_lookup_nibble(t, halfwords, tile, stride, rows, y, y_step, accumulate);
     }
 }
 
@@ -131,7 +128,7 @@ void tbn_rt_linear_tile(const float *x, uint32_t in, uint32_t rows, const uint16
     for (h0 = 0; h0 < stride; h0 += chunk) {
         const uint32_t n = in - 16u * h0 < 16u * chunk ? in - 16u * h0 : 16u * chunk;
         tbn_rt_tables(x + 16u * h0, n, kind, tables);
-        tbn_rt_lookup(tables, n, kind, tile + h0, stride, rows, y, 1u, h0 != 0u);
+        tbn_rt_lookup(tables, (n + 15u) / 16u, kind, tile + h0, stride, rows, y, 1u, h0 != 0u);
     }
 }
 
@@ -146,19 +143,30 @@ void tbn_rt_linear_f32(const float *x, uint32_t in, uint32_t rows, const float *
     }
 }
 
+/* Output positions [first, end) along one axis whose input index o * stride + offset is inside [0, in). */
+static void tbn_rt_valid(int32_t offset, uint32_t stride, uint32_t in, uint32_t out, uint32_t *first, uint32_t *end) {
+    const int32_t last = (int32_t)in - 1 - offset;
+    uint32_t f = offset >= 0 ? 0u : ((uint32_t)(-offset) + stride - 1u) / stride;
+    uint32_t e = last < 0 ? 0u : (uint32_t)last / stride + 1u;
+    e = e < out ? e : out;
+    *first = f;
+    *end = e > f ? e : f;
+}
+
 /* The input patch of output position (oy, ox) in the weight order (ic, ky, kx), zeros for padding. */
 static void tbn_rt_patch(const float *x, const tbn_rt_geom_t *g, uint32_t oy, uint32_t ox, float *patch) {
-    uint32_t ic, ky, kx;
+    const int32_t iy0 = (int32_t)(oy * g->stride_h) - g->pad_h, ix0 = (int32_t)(ox * g->stride_w) - g->pad_w;
+    uint32_t ky0, ky1, kx0, kx1, ic, ky, kx;
+    tbn_rt_valid(iy0, g->dil_h, g->in_h, g->k_h, &ky0, &ky1);
+    tbn_rt_valid(ix0, g->dil_w, g->in_w, g->k_w, &kx0, &kx1);
     for (ic = 0; ic < g->in_c; ++ic) {
         const float *xc = x + ic * (uint32_t)g->in_h * g->in_w;
         for (ky = 0; ky < g->k_h; ++ky) {
-            const int32_t iy = (int32_t)(oy * g->stride_h + ky * g->dil_h) - g->pad_h;
-            const int row_ok = iy >= 0 && iy < (int32_t)g->in_h;
-            const float *xr = xc + (row_ok ? (uint32_t)iy * g->in_w : 0u);
-            for (kx = 0; kx < g->k_w; ++kx) {
-                const int32_t ix = (int32_t)(ox * g->stride_w + kx * g->dil_w) - g->pad_w;
-                *patch++ = row_ok && ix >= 0 && ix < (int32_t)g->in_w ? xr[ix] : 0.0f;
-            }
+            const int32_t row = (iy0 + (int32_t)(ky * g->dil_h)) * (int32_t)g->in_w + ix0;
+            const uint32_t valid0 = ky >= ky0 && ky < ky1 ? kx0 : g->k_w, valid1 = valid0 < kx1 ? kx1 : valid0;
+            for (kx = 0; kx < valid0; ++kx) *patch++ = 0.0f;
+            for (; kx < valid1; ++kx) *patch++ = xc[row + (int32_t)(kx * g->dil_w)];
+            for (; kx < g->k_w; ++kx) *patch++ = 0.0f;
         }
     }
 }
@@ -173,19 +181,50 @@ void tbn_rt_conv2d_tile(const float *x, const tbn_rt_geom_t *g, const uint16_t *
         for (ox = 0; ox < g->out_w; ++ox) {
             tbn_rt_patch(x, g, oy, ox, scratch);
             tbn_rt_tables(scratch, in, kind, tables);
-            tbn_rt_lookup(tables, in, kind, tile, stride, g->out_c, y + oy * g->out_w + ox, plane, 0);
+            tbn_rt_lookup(tables, stride, kind, tile, stride, g->out_c, y + oy * g->out_w + ox, plane, 0);
         }
     }
 }
 
-/* Output positions [first, end) along one axis whose input index o * stride + offset is inside [0, in). */
-static void tbn_rt_valid(int32_t offset, uint32_t stride, uint32_t in, uint32_t out, uint32_t *first, uint32_t *end) {
-    const int32_t last = (int32_t)in - 1 - offset;
-    uint32_t f = offset >= 0 ? 0u : ((uint32_t)(-offset) + stride - 1u) / stride;
-    uint32_t e = last < 0 ? 0u : (uint32_t)last / stride + 1u;
-    e = e < out ? e : out;
-    *first = f;
-    *end = e > f ? e : f;
+
+void tbn_rt_conv2d_tile_pixels(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, float *ring, float *y) {
+    const uint32_t in_plane = (uint32_t)g->in_h * g->in_w, plane = (uint32_t)g->out_h * g->out_w;
+    const uint32_t pixel = 4u * g->in_c, tap = g->in_c / 16u, stride = (uint32_t)g->k_h * g->k_w * tap;
+    uint32_t oy, ox, ky, kx, ix, c, r;
+    for (oy = 0; oy < g->out_h; ++oy) {
+        const int32_t iy0 = (int32_t)(oy * g->stride_h) - g->pad_h;
+        uint32_t ky0, ky1;
+        tbn_rt_valid(iy0, g->dil_h, g->in_h, g->k_h, &ky0, &ky1);
+        /* ring[ix][ky]: the tables of pixel (iy0 + ky * dil_h, ix), 16 floats per 4 channels */
+        for (ky = ky0; ky < ky1; ++ky) {
+            const float *xr = x + (uint32_t)(iy0 + (int32_t)(ky * g->dil_h)) * g->in_w;
+            for (ix = 0; ix < g->in_w; ++ix) {
+                float *t = ring + (ix * g->k_h + ky) * pixel;
+                for (c = 0; c < g->in_c; c += 4u, t += 16) {
+                    const float v[4] = {xr[c * in_plane + ix], xr[(c + 1u) * in_plane + ix],
+                                        xr[(c + 2u) * in_plane + ix], xr[(c + 3u) * in_plane + ix]};
+                    tbn_rt_nibble_table(v, t);
+                }
+            }
+        }
+        for (ox = 0; ox < g->out_w; ++ox) {
+            const int32_t ix0 = (int32_t)(ox * g->stride_w) - g->pad_w;
+            float *const yo = y + oy * g->out_w + ox;
+            uint32_t kx0, kx1, run;
+            tbn_rt_valid(ix0, g->dil_w, g->in_w, g->k_w, &kx0, &kx1);
+            if (ky0 == ky1 || kx0 == kx1) { /* every tap in the padding */
+                for (r = 0; r < g->out_c; ++r) yo[r * plane] = 0.0f;
+                continue;
+            }
+            /* taps (kx, ky) in tile order read adjacent tables: columns kx0..kx1 are one run when every ky is valid */
+            run = ky1 - ky0 == g->k_h && g->dil_w == 1u ? kx1 - kx0 : 1u;
+            for (kx = kx0; kx < kx1; kx += run) {
+                const uint32_t ix = (uint32_t)(ix0 + (int32_t)(kx * g->dil_w));
+                tbn_rt_lookup(ring + (ix * g->k_h + ky0) * pixel, tap * run * (ky1 - ky0), TBN_RT_NIBBLE,
+                              tile + (kx * g->k_h + ky0) * tap, stride, g->out_c, yo, plane, kx != kx0);
+            }
+        }
+    }
 }
 
 /* Weight-stationary loop nest: for each output channel and tap, the weight is read once
@@ -271,37 +310,35 @@ void tbn_rt_relu(float *y, uint32_t n) {
     }
 }
 
-/* Max (average = 0) or average pooling over the window, clipped to the input as in torch. */
+/* Max (average = 0) or average pooling over the window, clipped to the input as in torch (which
+ * keeps every window at least one input wide: padding is at most half the kernel). */
 static void tbn_rt_pool2d(const float *x, const tbn_rt_geom_t *g, int average, int count_include_pad, float *y) {
+    const int32_t in_h = (int32_t)g->in_h, in_w = (int32_t)g->in_w;
     uint32_t c, oy, ox;
     for (c = 0; c < g->out_c; ++c) {
-        const float *xc = x + (uint32_t)c * g->in_h * g->in_w;
+        const float *xc = x + c * (uint32_t)in_h * (uint32_t)in_w;
         for (oy = 0; oy < g->out_h; ++oy) {
-            for (ox = 0; ox < g->out_w; ++ox) {
-                const int32_t y0 = (int32_t)(oy * g->stride_h) - g->pad_h;
+            const int32_t y0 = (int32_t)(oy * g->stride_h) - g->pad_h;
+            const int32_t padded_y1 = y0 + g->k_h < in_h + g->pad_h ? y0 + g->k_h : in_h + g->pad_h;
+            const int32_t ya = y0 < 0 ? 0 : y0, yb = padded_y1 < in_h ? padded_y1 : in_h;
+            for (ox = 0; ox < g->out_w; ++ox, ++y) {
                 const int32_t x0 = (int32_t)(ox * g->stride_w) - g->pad_w;
-                const int32_t padded_y1 = y0 + g->k_h < g->in_h + g->pad_h ? y0 + g->k_h : g->in_h + g->pad_h;
-                const int32_t padded_x1 = x0 + g->k_w < g->in_w + g->pad_w ? x0 + g->k_w : g->in_w + g->pad_w;
-                int32_t iy, ix, count = 0;
-                float acc = 0.0f;
-                int first = 1;
-                for (iy = y0 < 0 ? 0 : y0; iy < padded_y1 && iy < (int32_t)g->in_h; ++iy) {
-                    for (ix = x0 < 0 ? 0 : x0; ix < padded_x1 && ix < (int32_t)g->in_w; ++ix) {
-                        const float v = xc[(uint32_t)iy * g->in_w + (uint32_t)ix];
-                        if (average) {
-                            acc += v;
-                        } else if (first || v > acc) {
-                            acc = v;
-                        }
-                        first = 0;
-                        ++count;
-                    }
-                }
+                const int32_t padded_x1 = x0 + g->k_w < in_w + g->pad_w ? x0 + g->k_w : in_w + g->pad_w;
+                const int32_t xa = x0 < 0 ? 0 : x0, xb = padded_x1 < in_w ? padded_x1 : in_w;
+                const float *xr = xc + ya * in_w;
+                float acc = average ? 0.0f : xr[xa];
+                int32_t iy, ix;
                 if (average) {
-                    const int32_t area = count_include_pad ? (padded_y1 - y0) * (padded_x1 - x0) : count;
-                    acc /= (float)area;
+                    for (iy = ya; iy < yb; ++iy, xr += in_w) {
+                        for (ix = xa; ix < xb; ++ix) acc += xr[ix];
+                    }
+                    *y = acc / (float)(count_include_pad ? (padded_y1 - y0) * (padded_x1 - x0) : (yb - ya) * (xb - xa));
+                } else {
+                    for (iy = ya; iy < yb; ++iy, xr += in_w) {
+                        for (ix = xa; ix < xb; ++ix) acc = xr[ix] > acc ? xr[ix] : acc;
+                    }
+                    *y = acc;
                 }
-                y[(c * g->out_h + oy) * g->out_w + ox] = acc;
             }
         }
     }

@@ -45,6 +45,11 @@ void tbn_rt_linear_f32(const float *x, uint32_t in, uint32_t rows, const float *
 void tbn_rt_conv2d_tile(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, int kind, float *scratch,
                         float *y);
 
+/* The same convolution for in_c % 16 == 0, the tile's rows in (kx, ky, ic) order: for each output row
+ * the nibble tables of the k_h input rows' pixels are built once into `ring` (k_h * in_w * 4 * in_c
+ * floats) and serve every tap that reads them; a tile row meets them in runs of adjacent taps. */
+void tbn_rt_conv2d_tile_pixels(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, float *ring, float *y);
+
 /* Convolution of x with a float32 weight (g->out_c, in_c, k_h, k_w). */
 void tbn_rt_conv2d_f32(const float *x, const tbn_rt_geom_t *g, const float *w, float *y);
 
