@@ -58,52 +58,42 @@ static void tbn_rt_tables(const float *x, uint32_t n, int kind, float *t) {
     }
 }
 
-/* acc += the 4 nibble lookups of halfword v in the tables tb[o .. o + 64). */
-#define TBN_RT_HALFWORD(acc, tb, o, v)                  \
-    do {                                                \
-        (acc) += (tb)[(o) + ((v) & 15u)];               \
-        (acc) += (tb)[(o) + 16u + (((v) >> 4) & 15u)];  \
-        (acc) += (tb)[(o) + 32u + (((v) >> 8) & 15u)];  \
-        (acc) += (tb)[(o) + 48u + ((v) >> 12)];         \
+/* acc += the 4 nibble lookups of halfword v in the tables tb[0 .. 64). */
+#define TBN_RT_HALFWORD(acc, tb, v)              \
+    do {                                         \
+        (acc) += (tb)[(v) & 15u];                \
+        (acc) += (tb)[16u + (((v) >> 4) & 15u)]; \
+        (acc) += (tb)[32u + (((v) >> 8) & 15u)]; \
+        (acc) += (tb)[48u + ((v) >> 12)];        \
     } while (0)
 
-/* acc += the 8 pair lookups of halfword v in the tables tb[o .. o + 32). */
-#define TBN_RT_HALFWORD_PAIRS(acc, tb, o, v)            \
-    do {                                                \
-        (acc) += (tb)[(o) + ((v) & 3u)];                \
-        (acc) += (tb)[(o) + 4u + (((v) >> 2) & 3u)];    \
-        (acc) += (tb)[(o) + 8u + (((v) >> 4) & 3u)];    \
-        (acc) += (tb)[(o) + 12u + (((v) >> 6) & 3u)];   \
-        (acc) += (tb)[(o) + 16u + (((v) >> 8) & 3u)];   \
-        (acc) += (tb)[(o) + 20u + (((v) >> 10) & 3u)];  \
-        (acc) += (tb)[(o) + 24u + (((v) >> 12) & 3u)];  \
-        (acc) += (tb)[(o) + 28u + ((v) >> 14)];         \
+/* acc += the 8 pair lookups of halfword v in the tables tb[0 .. 32). */
+#define TBN_RT_HALFWORD_PAIRS(acc, tb, v)        \
+    do {                                         \
+        (acc) += (tb)[(v) & 3u];                 \
+        (acc) += (tb)[4u + (((v) >> 2) & 3u)];   \
+        (acc) += (tb)[8u + (((v) >> 4) & 3u)];   \
+        (acc) += (tb)[12u + (((v) >> 6) & 3u)];  \
+        (acc) += (tb)[16u + (((v) >> 8) & 3u)];  \
+        (acc) += (tb)[20u + (((v) >> 10) & 3u)]; \
+        (acc) += (tb)[24u + (((v) >> 12) & 3u)]; \
+        (acc) += (tb)[28u + ((v) >> 14)];        \
     } while (0)
 
-/* y[r * y_step] (+)= tile row r applied to the tables t of `halfwords` * 16 inputs: one lookup per
- * BITS inputs (4: nibble tables of 16 entries; 2: pair tables of 4, cheaper to build, for few rows).
- * A row is `stride` halfwords (lookup q of halfword k: inputs 16 k + BITS q ...); four halfwords per
- * iteration keep every table offset within a load's immediate. HALFWORD adds the lookups of one
- * halfword, whose tables take ENTRIES floats. */
+/* y[r * y_step] (+)= tile row r applied to the tables t of `halfwords` * 16 inputs: HALFWORD adds the
+ * lookups of one halfword of the row (nibble tables: 4 of 16 entries; pair tables: 8 of 4 entries,
+ * cheaper to build, for few rows), whose tables take ENTRIES floats. A row is `stride` halfwords. */
 #define TBN_RT_LOOKUP(name, HALFWORD, ENTRIES)                                                                 \
     static void name(const float *t, uint32_t halfwords, const uint16_t *tile, uint32_t stride, uint32_t rows, \
                      float *y, uint32_t y_step, int accumulate) {                                             \
-        uint32_t r;                                                                                           \
+        uint32_t r, k;                                                                                        \
         for (r = 0; r < rows; ++r, tile += stride, y += y_step) {                                             \
             const uint16_t *w = tile;                                                                         \
             const float *tb = t;                                                                              \
             float acc = accumulate ? *y : 0.0f;                                                               \
-            uint32_t k;                                                                                       \
-            for (k = halfwords / 4u; k != 0; --k, w += 4, tb += 4u * (ENTRIES)) {                             \
-                const uint32_t v0 = w[0], v1 = w[1], v2 = w[2], v3 = w[3];                                    \
-                HALFWORD(acc, tb, 0u, v0);                                                                    \
-                HALFWORD(acc, tb, (ENTRIES), v1);                                                             \
-                HALFWORD(acc, tb, 2u * (ENTRIES), v2);                                                        \
-                HALFWORD(acc, tb, 3u * (ENTRIES), v3);                                                        \
-            }                                                                                                 \
-            for (k = halfwords % 4u; k != 0; --k, tb += (ENTRIES)) {                                          \
+            for (k = halfwords; k != 0; --k, tb += (ENTRIES)) {                                               \
                 const uint32_t v = *w++;                                                                      \
-                HALFWORD(acc, tb, 0u, v);                                                                     \
+                HALFWORD(acc, tb, v);                                                                         \
             }                                                                                                 \
             *y = acc;                                                                                         \
         }                                                                                                     \
