@@ -58,10 +58,6 @@ class Row:
     agreement: str
 
 
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got - ref).abs().amax(1) / ref.abs().amax(1)).max().item()
-
-
 # -- the int8 baseline ---------------------------------------------------------------------------------------------
 
 
@@ -244,7 +240,7 @@ def measure_export(family: str, variant: str, model: nn.Module, shape: tuple[int
     export = mcu_export.export_model(model, shape, workdir)
     host = tc.run_host(export, tc.build_host(export), images)
     board = tc.run_board(export, tc.build_board(export), images[:board_images])
-    errs = (rel_err(host, ref), rel_err(board.outputs, ref[:board_images]))
+    errs = (tc.rel_err(host, ref), tc.rel_err(board.outputs, ref[:board_images]))
     same = torch.equal(host.argmax(1), ref.argmax(1)) and torch.equal(board.outputs.argmax(1),
                                                                         ref[:board_images].argmax(1))
     if max(errs) > MAX_REL_ERR or not same:

@@ -47,7 +47,7 @@ def evaluate(name: str, model: nn.Module, data: dict[str, torch.Tensor], board_i
     py_acc = (logits.argmax(1) == data["yt"]).float().mean().item()
     export = mcu_export.export_model(model, (1, 28, 28), workdir / re.sub(r"\W+", "_", name))
     host = tc.run_host(export, tc.build_host(export), data["xt"])
-    rel = ((host - logits).abs().amax(1) / logits.abs().amax(1)).max().item()
+    rel = tc.rel_err(host, logits)
     host_same = (host.argmax(1) == logits.argmax(1)).float().mean().item()
     board = tc.run_board(export, tc.build_board(export), data["xt"][:board_images])
     board_pred = board.outputs.argmax(1)

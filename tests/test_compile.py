@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_reference import random_tile
+from kernel_reference import random_tile, rel_err
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, LlamaForCausalLM
 
@@ -33,10 +33,6 @@ def fresh_dynamo() -> None:
 def packed(model: nn.Module, backend: str = "auto", p: int = 4, layout: str = "output") -> nn.Module:
     convert_model(model, TBNConfig(compression_factor=p, min_compress_size=0, backend=backend, tile_layout=layout))
     return pack_model(model).eval()
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.mark.parametrize("op", [ops.tile_linear_native, ops.tile_linear_triton], ids=["native", "triton"])

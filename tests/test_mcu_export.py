@@ -18,15 +18,11 @@ from hf_tbn.demos import fashion_mnist as demo
 
 tc = mcu_export.toolchain
 export_model, plan_export = mcu_export.export_model, mcu_export.plan_export
+rel_err = tc.rel_err
 
 HOST_IMAGES = 500
 BOARD_IMAGES = 100
 MAX_REL_ERR = 1e-4
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest per-input ``max|got - ref| / max|ref|``."""
-    return ((got - ref).abs().amax(dim=1) / ref.abs().amax(dim=1)).max().item()
 
 
 @pytest.fixture(scope="module")

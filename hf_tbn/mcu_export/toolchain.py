@@ -42,6 +42,12 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str:
     return proc.stdout
 
 
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest per-input ``max|got - ref| / max|ref|`` over a batch of outputs: how an export is checked
+    against PyTorch (each input's error relative to the scale of its own outputs)."""
+    return ((got - ref).abs().amax(dim=1) / ref.abs().amax(dim=1)).max().item()
+
+
 @dataclass(frozen=True)
 class Program:
     """A model's C for the harness: its sources in ``directory`` (which also holds the harness and
