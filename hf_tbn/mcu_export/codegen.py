@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .lower import AffineOp, CombineOp, Geometry, Op, PoolOp, ReluOp, WeightedOp
+from .lower import AffineOp, CombineOp, Geometry, Op, PoolOp, ReluOp, WeightedOp, column_groups
 
 _VALUES_PER_LINE = 8
 _HALFWORDS_PER_LINE = 12
@@ -148,13 +148,11 @@ def table_kind(op: WeightedOp, nibble_table_rows: int) -> str:
 
 def _scratch_floats(op: WeightedOp, kind: str) -> tuple[int, int]:
     """Scratch floats a tiled op needs, and (linear) the halfwords of input whose tables are built at once."""
+    if op.geometry is not None:  # the column being built, then the tables of every padded input column
+        g, groups = op.geometry, column_groups(op.geometry)
+        return 4 * groups + (g.in_w + 2 * g.pad_w) * 16 * groups, 0
     stride = math.ceil(op.row_length / 16)
     per_halfword = 32 if kind == "TBN_RT_PAIR" else 64  # TBN_RT_TABLE_FLOATS
-    if op.pixel_tables:  # the tables of k_h input rows, 16 floats per 4 channels of a pixel
-        g = op.geometry
-        return g.k_h * g.in_w * 4 * g.in_c, 0
-    if op.geometry is not None:
-        return op.row_length + stride * per_halfword, stride
     chunk = max(1, min(stride, TABLE_CHUNK_FLOATS // per_halfword))
     return chunk * per_halfword, chunk
 
@@ -163,8 +161,9 @@ def generate(ops: list[Op], input_shape: tuple[int, ...], output_shape: tuple[in
              description: str, nibble_table_rows: int = NIBBLE_TABLE_ROWS) -> Generated:
     """Header and source of the model ``prefix`` (``int <prefix>_run(const float *in, float *out)``).
 
-    Tiled layers with at least ``nibble_table_rows`` tile rows use 16-entry nibble tables,
-    the others 4-entry pair tables (the threshold is measured: docs/mcu.md).
+    Tiled linear layers with at least ``nibble_table_rows`` tile rows use 16-entry nibble tables,
+    the others 4-entry pair tables (the threshold is measured: docs/mcu.md); convolutions use nibble
+    tables of their input columns.
     """
     prefix = check_prefix(prefix)
     macro = prefix.upper()
@@ -252,12 +251,9 @@ def _call(op: Op, base: str, src: str, dst: str, emitter: _Emitter, nibble_table
     if op.tile is not None:
         weights = emitter.halfwords(base + "_tile", op.tile)
         kind = table_kind(op, nibble_table_rows)
-        if op.pixel_tables:
+        if op.geometry is not None:
             geom = emitter.geometry(base + "_geom", op.geometry, op.name)
-            first = f"    tbn_rt_conv2d_tile_pixels({src}, {geom}, {weights}, scratch, {dst});"
-        elif op.geometry is not None:
-            geom = emitter.geometry(base + "_geom", op.geometry, op.name)
-            first = f"    tbn_rt_conv2d_tile({src}, {geom}, {weights}, {kind}, scratch, {dst});"
+            first = f"    tbn_rt_conv2d_tile({src}, {geom}, {weights}, {column_groups(op.geometry)}u, scratch, {dst});"
         else:
             chunk = _scratch_floats(op, kind)[1]
             first = (f"    tbn_rt_linear_tile({src}, {op.in_shape[0]}u, {op.rows}u, {weights}, {kind}, {chunk}u, "

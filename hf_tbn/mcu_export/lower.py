@@ -71,9 +71,9 @@ class WeightedOp(Op):
     """Linear or Conv2d: the ``rows`` rows of a +-1 tile (``tile``) or a float ``weight``.
 
     ``tile`` holds the packed rows in the runtime's layout (each row padded to 16 bits, the
-    hf_tbn.tiling bit order within). The runtime applies those rows once, then writes ``p``
-    copies scaled by ``scale`` (``p`` values, or one per output channel once a BatchNorm is
-    folded), plus ``bias``.
+    hf_tbn.tiling bit order within; a convolution's row column by column, :func:`column_groups`).
+    The runtime applies those rows once, then writes ``p`` copies scaled by ``scale`` (``p``
+    values, or one per output channel once a BatchNorm is folded), plus ``bias``.
     """
 
     rows: int = 0
@@ -97,16 +97,14 @@ class WeightedOp(Op):
     def scale_per_channel(self) -> bool:
         return self.scale is not None and self.scale.numel() == self.channels and self.channels != self.p
 
-    @property
-    def pixel_tables(self) -> bool:
-        """A tiled convolution whose tables are built once per input pixel (``tile`` rows in (kx, ky, ic) order)."""
-        return self.tile is not None and self.geometry is not None and _pixel_tables(self.geometry)
 
 
-def _pixel_tables(geometry: Geometry) -> bool:
-    """Whether a tiled convolution over this window runs on tables per input pixel: each tap's channels then
-    fill whole halfwords of the tile row (in_c % 16 == 0), so adjacent taps are one lookup run."""
-    return geometry.in_c % 16 == 0
+def column_groups(geometry: Geometry) -> int:
+    """Nibble tables per input column of a tiled convolution: 4 of the k_h * in_c values a window reads
+    at one input column each (tbn_rt_conv2d_tile), rounded up to whole halfwords when dilation spreads
+    a window's columns apart (each column is then a lookup run of its own)."""
+    groups = -(-geometry.k_h * geometry.in_c // 4)
+    return groups if geometry.dil_w == 1 else -(-groups // 4) * 4
 
 
 @dataclass
@@ -320,11 +318,17 @@ def _weighted_op(name: str, module: nn.Module, in_shape: tuple[int, ...], out_sh
 
 
 def _row_tile(layer: TBNLayer, rows: int, geometry: Geometry | None) -> torch.Tensor:
-    """The tile's rows packed one by one, each padded to whole halfwords (``layer.tile`` when aligned);
-    a convolution on tables per input pixel stores each row in (kx, ky, ic) order instead of (ic, ky, kx)."""
+    """The tile's rows packed one by one, each padded to whole halfwords (``layer.tile`` when aligned).
+
+    A convolution's row is stored column by column, ``(kx, ky, ic)``, each column's ``k_h * in_c``
+    bits padded to the ``4 * column_groups`` its tables cover (the padding multiplies zeros).
+    """
     values = layer.tile_values().view(rows, -1)
-    if geometry is not None and _pixel_tables(geometry):
-        values = values.view(rows, geometry.in_c, geometry.k_h, geometry.k_w).permute(0, 3, 2, 1).reshape(rows, -1)
+    if geometry is not None:
+        g = geometry
+        columns = values.view(rows, g.in_c, g.k_h, g.k_w).permute(0, 3, 2, 1).reshape(rows, g.k_w, -1)
+        pad = 4 * column_groups(g) - columns.shape[2]
+        values = torch.cat([columns, columns.new_ones(rows, g.k_w, pad)], dim=2).reshape(rows, -1)
     pad = (-values.shape[1]) % 16
     if pad:
         values = torch.cat([values, values.new_ones(rows, pad)], dim=1)

@@ -80,13 +80,15 @@ static void tbn_rt_tables(const float *x, uint32_t n, int kind, float *t) {
         (acc) += (tb)[28u + ((v) >> 14)];        \
     } while (0)
 
-/* y[r * y_step] (+)= tile row r applied to the tables t of `halfwords` * 16 inputs: HALFWORD adds the
- * lookups of one halfword of the row (nibble tables: 4 of 16 entries; pair tables: 8 of 4 entries,
- * cheaper to build, for few rows), whose tables take ENTRIES floats. A row is `stride` halfwords, read
- * four at a time while it lasts (2-4% fewer instructions on the MLP's 49-halfword rows). */
-#define TBN_RT_LOOKUP(name, HALFWORD, ENTRIES)                                                                 \
-    static void name(const float *t, uint32_t halfwords, const uint16_t *tile, uint32_t stride, uint32_t rows, \
+/* y[r * y_step] (+)= tile row r applied to the tables t: `lookups` table entries, one per BITS
+ * inputs (nibble tables: 16 entries per 4 inputs; pair tables: 4 per 2, cheaper to build, for few
+ * rows). HALFWORD adds the lookups of one halfword of the row, whose tables take ENTRIES floats; a
+ * row is `stride` halfwords, read four at a time while it lasts (2-4% fewer instructions on the
+ * MLP's 49-halfword rows), then lookup by lookup for the last part of a halfword. */
+#define TBN_RT_LOOKUP(name, HALFWORD, ENTRIES, BITS)                                                          \
+    static void name(const float *t, uint32_t lookups, const uint16_t *tile, uint32_t stride, uint32_t rows,  \
                      float *y, uint32_t y_step, int accumulate) {                                             \
+        const uint32_t halfwords = lookups / (16u / (BITS)), tail = lookups % (16u / (BITS));                 \
         uint32_t r, k;                                                                                        \
         for (r = 0; r < rows; ++r, tile += stride, y += y_step) {                                             \
             const uint16_t *w = tile;                                                                         \
@@ -103,21 +105,16 @@ static void tbn_rt_tables(const float *x, uint32_t n, int kind, float *t) {
                 const uint32_t v = *w++;                                                                      \
                 HALFWORD(acc, tb, v);                                                                         \
             }                                                                                                 \
+            if (tail != 0u) {                                                                                 \
+                uint32_t v = *w;                                                                              \
+                for (k = tail; k != 0; --k, v >>= (BITS), tb += 1u << (BITS)) acc += tb[v & ((1u << (BITS)) - 1u)]; \
+            }                                                                                                 \
             *y = acc;                                                                                         \
         }                                                                                                     \
     }
 
-TBN_RT_LOOKUP(tbn_rt_lookup_nibble, TBN_RT_HALFWORD, 64u)
-TBN_RT_LOOKUP(tbn_rt_lookup_pair, TBN_RT_HALFWORD_PAIRS, 32u)
-
-static void tbn_rt_lookup(const float *t, uint32_t halfwords, int kind, const uint16_t *tile, uint32_t stride,
-                          uint32_t rows, float *y, uint32_t y_step, int accumulate) {
-    if (kind == TBN_RT_PAIR) {
-        tbn_rt_lookup_pair(t, halfwords, tile, stride, rows, y, y_step, accumulate);
-    } else {
-        tbn_rt_lookup_nibble(t, halfwords, tile, stride, rows, y, y_step, accumulate);
-    }
-}
+TBN_RT_LOOKUP(tbn_rt_lookup_nibble, TBN_RT_HALFWORD, 64u, 4u)
+TBN_RT_LOOKUP(tbn_rt_lookup_pair, TBN_RT_HALFWORD_PAIRS, 32u, 2u)
 
 void tbn_rt_linear_tile(const float *x, uint32_t in, uint32_t rows, const uint16_t *tile, int kind, uint32_t chunk,
                         float *tables, float *y) {
@@ -125,8 +122,13 @@ void tbn_rt_linear_tile(const float *x, uint32_t in, uint32_t rows, const uint16
     uint32_t h0;
     for (h0 = 0; h0 < stride; h0 += chunk) {
         const uint32_t n = in - 16u * h0 < 16u * chunk ? in - 16u * h0 : 16u * chunk;
+        const uint32_t lookups = (n + 15u) / 16u * (kind == TBN_RT_PAIR ? 8u : 4u); /* whole halfwords */
         tbn_rt_tables(x + 16u * h0, n, kind, tables);
-        tbn_rt_lookup(tables, (n + 15u) / 16u, kind, tile + h0, stride, rows, y, 1u, h0 != 0u);
+        if (kind == TBN_RT_PAIR) {
+            tbn_rt_lookup_pair(tables, lookups, tile + h0, stride, rows, y, 1u, h0 != 0u);
+        } else {
+            tbn_rt_lookup_nibble(tables, lookups, tile + h0, stride, rows, y, 1u, h0 != 0u);
+        }
     }
 }
 
@@ -141,7 +143,8 @@ void tbn_rt_linear_f32(const float *x, uint32_t in, uint32_t rows, const float *
     }
 }
 
-/* Output positions [first, end) along one axis whose input index o * stride + offset is inside [0, in). */
+/* The o in [first, end), o < out, whose index o * stride + offset along one axis is inside [0, in):
+ * output positions for a tap, or taps for an output position. */
 static void tbn_rt_valid(int32_t offset, uint32_t stride, uint32_t in, uint32_t out, uint32_t *first, uint32_t *end) {
     const int32_t last = (int32_t)in - 1 - offset;
     uint32_t f = offset >= 0 ? 0u : ((uint32_t)(-offset) + stride - 1u) / stride;
@@ -151,75 +154,46 @@ static void tbn_rt_valid(int32_t offset, uint32_t stride, uint32_t in, uint32_t 
     *end = e > f ? e : f;
 }
 
-/* The input patch of output position (oy, ox) in the weight order (ic, ky, kx), zeros for padding. */
-static void tbn_rt_patch(const float *x, const tbn_rt_geom_t *g, uint32_t oy, uint32_t ox, float *patch) {
-    const int32_t iy0 = (int32_t)(oy * g->stride_h) - g->pad_h, ix0 = (int32_t)(ox * g->stride_w) - g->pad_w;
-    uint32_t ky0, ky1, kx0, kx1, ic, ky, kx;
-    tbn_rt_valid(iy0, g->dil_h, g->in_h, g->k_h, &ky0, &ky1);
-    tbn_rt_valid(ix0, g->dil_w, g->in_w, g->k_w, &kx0, &kx1);
-    for (ic = 0; ic < g->in_c; ++ic) {
-        const float *xc = x + ic * (uint32_t)g->in_h * g->in_w;
-        for (ky = 0; ky < g->k_h; ++ky) {
-            const int32_t row = (iy0 + (int32_t)(ky * g->dil_h)) * (int32_t)g->in_w + ix0;
-            const uint32_t valid0 = ky >= ky0 && ky < ky1 ? kx0 : g->k_w, valid1 = valid0 < kx1 ? kx1 : valid0;
-            for (kx = 0; kx < valid0; ++kx) *patch++ = 0.0f;
-            for (; kx < valid1; ++kx) *patch++ = xc[row + (int32_t)(kx * g->dil_w)];
-            for (; kx < g->k_w; ++kx) *patch++ = 0.0f;
-        }
-    }
-}
-
-void tbn_rt_conv2d_tile(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, int kind, float *scratch,
-                        float *y) {
-    const uint32_t in = (uint32_t)g->in_c * g->k_h * g->k_w, stride = (in + 15u) / 16u;
-    const uint32_t plane = (uint32_t)g->out_h * g->out_w;
-    float *const tables = scratch + in;
-    uint32_t oy, ox;
-    for (oy = 0; oy < g->out_h; ++oy) {
-        for (ox = 0; ox < g->out_w; ++ox) {
-            tbn_rt_patch(x, g, oy, ox, scratch);
-            tbn_rt_tables(scratch, in, kind, tables);
-            tbn_rt_lookup(tables, stride, kind, tile, stride, g->out_c, y + oy * g->out_w + ox, plane, 0);
-        }
-    }
-}
-
-
-void tbn_rt_conv2d_tile_pixels(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, float *ring, float *y) {
+void tbn_rt_conv2d_tile(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, uint32_t groups,
+                        float *scratch, float *y) {
     const uint32_t in_plane = (uint32_t)g->in_h * g->in_w, plane = (uint32_t)g->out_h * g->out_w;
-    const uint32_t pixel = 4u * g->in_c, tap = g->in_c / 16u, stride = (uint32_t)g->k_h * g->k_w * tap;
-    uint32_t oy, ox, ky, kx, ix, c, r;
+    const uint32_t column = 16u * groups;                          /* floats of one input column's tables */
+    const uint32_t stride = ((uint32_t)g->k_w * groups + 3u) / 4u; /* halfwords of a tile row */
+    float *const v = scratch, *const ring = scratch + 4u * groups;
+    uint32_t oy, ox, ix, ky, ic, kx, i;
+    /* ring[c]: the tables of padded input column c, zeros for the padding columns */
+    for (i = 0; i < 4u * groups; ++i) v[i] = 0.0f;
+    for (i = 0; i < (uint32_t)g->pad_w * column; ++i) ring[i] = ring[(g->pad_w + g->in_w) * column + i] = 0.0f;
     for (oy = 0; oy < g->out_h; ++oy) {
         const int32_t iy0 = (int32_t)(oy * g->stride_h) - g->pad_h;
         uint32_t ky0, ky1;
         tbn_rt_valid(iy0, g->dil_h, g->in_h, g->k_h, &ky0, &ky1);
-        /* ring[ix][ky]: the tables of pixel (iy0 + ky * dil_h, ix), 16 floats per 4 channels */
-        for (ky = ky0; ky < ky1; ++ky) {
-            const float *xr = x + (uint32_t)(iy0 + (int32_t)(ky * g->dil_h)) * g->in_w;
-            for (ix = 0; ix < g->in_w; ++ix) {
-                float *t = ring + (ix * g->k_h + ky) * pixel;
-                for (c = 0; c < g->in_c; c += 4u, t += 16) {
-                    const float v[4] = {xr[c * in_plane + ix], xr[(c + 1u) * in_plane + ix],
-                                        xr[(c + 2u) * in_plane + ix], xr[(c + 3u) * in_plane + ix]};
-                    tbn_rt_nibble_table(v, t);
+        for (ix = 0; ix < g->in_w; ++ix) {
+            /* v: the window column (ky, ic) at input column ix, zeros above / below the input */
+            for (ky = 0; ky < g->k_h; ++ky) {
+                float *const vk = v + ky * g->in_c;
+                if (ky < ky0 || ky >= ky1) {
+                    for (ic = 0; ic < g->in_c; ++ic) vk[ic] = 0.0f;
+                } else {
+                    const float *const xp = x + (uint32_t)(iy0 + (int32_t)(ky * g->dil_h)) * g->in_w + ix;
+                    for (ic = 0; ic < g->in_c; ++ic) vk[ic] = xp[ic * in_plane];
                 }
             }
+            for (i = 0; i < groups; ++i) tbn_rt_nibble_table(v + 4u * i, ring + (g->pad_w + ix) * column + 16u * i);
         }
         for (ox = 0; ox < g->out_w; ++ox) {
-            const int32_t ix0 = (int32_t)(ox * g->stride_w) - g->pad_w;
-            float *const yo = y + oy * g->out_w + ox;
-            uint32_t kx0, kx1, run;
-            tbn_rt_valid(ix0, g->dil_w, g->in_w, g->k_w, &kx0, &kx1);
-            if (ky0 == ky1 || kx0 == kx1) { /* every tap in the padding */
-                for (r = 0; r < g->out_c; ++r) yo[r * plane] = 0.0f;
-                continue;
+            const uint32_t c0 = ox * g->stride_w; /* padded column of the window's first tap */
+            uint32_t kx0 = 0, kx1 = g->k_w, span;
+            if (groups % 4u == 0u) { /* columns of whole halfwords: the run can skip the padding columns */
+                uint32_t first, end;
+                tbn_rt_valid((int32_t)c0 - g->pad_w, g->dil_w, g->in_w, g->k_w, &first, &end);
+                kx0 = first < end ? first : 0u;
+                kx1 = first < end ? end : g->k_w;
             }
-            /* taps (kx, ky) in tile order read adjacent tables: columns kx0..kx1 are one run when every ky is valid */
-            run = ky1 - ky0 == g->k_h && g->dil_w == 1u ? kx1 - kx0 : 1u;
-            for (kx = kx0; kx < kx1; kx += run) {
-                const uint32_t ix = (uint32_t)(ix0 + (int32_t)(kx * g->dil_w));
-                tbn_rt_lookup(ring + (ix * g->k_h + ky0) * pixel, tap * run * (ky1 - ky0), TBN_RT_NIBBLE,
-                              tile + (kx * g->k_h + ky0) * tap, stride, g->out_c, yo, plane, kx != kx0);
+            span = g->dil_w == 1u ? kx1 - kx0 : 1u;
+            for (kx = kx0; kx < kx1; kx += span) {
+                tbn_rt_lookup_nibble(ring + (c0 + kx * g->dil_w) * column, span * groups, tile + kx * groups / 4u,
+                                     stride, g->out_c, y + oy * g->out_w + ox, plane, kx != kx0);
             }
         }
     }

@@ -5,14 +5,14 @@
  * tbn_rt_copies() turns them in place into the p scaled copies (plus bias).
  *
  * Tile layout: row r of the tile (one output of the out/p rows) holds the signs of its
- * `in` weights (Linear: in features; Conv2d: in_c * k_h * k_w in PyTorch's weight order)
- * in stride = ceil(in / 16) uint16 values, element j being bit (j % 16) of value (j / 16),
- * set = +1: the hf_tbn.tiling bit order read as little-endian halfwords, each row padded to
- * whole halfwords (nothing to pad when in % 16 == 0). The tile is never decoded bit by bit:
- * for each group of 4 inputs the kernel builds the table of their 16 signed sums, once, and
- * every tile row adds one entry per nibble (TBN_RT_NIBBLE); for a few rows, where building
- * tables dominates, 4-entry tables of each pair of inputs and one entry per 2 bits
- * (TBN_RT_PAIR). The exporter picks the kind per layer from its row count.
+ * `in` weights (Linear: in features in order; Conv2d: column by column, see
+ * tbn_rt_conv2d_tile) in stride = ceil(in / 16) uint16 values, element j being bit (j % 16) of
+ * value (j / 16), set = +1: the hf_tbn.tiling bit order read as little-endian halfwords, each
+ * row padded to whole halfwords (nothing to pad when in % 16 == 0). The tile is never decoded
+ * bit by bit: for each group of 4 inputs the kernel builds the table of their 16 signed sums,
+ * once, and every tile row adds one entry per nibble (TBN_RT_NIBBLE); for a linear layer of a
+ * few rows, where building tables dominates, 4-entry tables of each pair of inputs and one
+ * entry per 2 bits (TBN_RT_PAIR). The exporter picks the kind per layer from its row count.
  */
 #ifndef TBN_RUNTIME_H
 #define TBN_RUNTIME_H
@@ -39,16 +39,17 @@ void tbn_rt_linear_tile(const float *x, uint32_t in, uint32_t rows, const uint16
 /* y[r] = sum_j w[r][j] x[j] for a float32 weight. */
 void tbn_rt_linear_f32(const float *x, uint32_t in, uint32_t rows, const float *w, float *y);
 
-/* Convolution of x (in_c, in_h, in_w) with the g->out_c rows of a tile: per output position
- * the input patch (in = in_c * k_h * k_w floats) is gathered into scratch, the tables of
- * the whole patch follow it (ceil(in / 16) * TBN_RT_TABLE_FLOATS(kind) floats). */
-void tbn_rt_conv2d_tile(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, int kind, float *scratch,
-                        float *y);
-
-/* The same convolution for in_c % 16 == 0, the tile's rows in (kx, ky, ic) order: for each output row
- * the nibble tables of the k_h input rows' pixels are built once into `ring` (k_h * in_w * 4 * in_c
- * floats) and serve every tap that reads them; a tile row meets them in runs of adjacent taps. */
-void tbn_rt_conv2d_tile_pixels(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, float *ring, float *y);
+/* Convolution of x (in_c, in_h, in_w) with the g->out_c rows of a tile. The window's values at one
+ * input column, (ky, ic) for the k_h rows an output row reads, are its column: for each output row
+ * the nibble tables of every input column's column (`groups` tables of 4 values, zeros above or
+ * below the input and after the k_h * in_c values) are built once into scratch, beside zero tables
+ * for the padding columns, and serve all k_w windows that read that column. A tile row holds, for
+ * each kx, the 4 * groups bits of its column in the same (ky, ic) order, so the window is one
+ * lookup run of k_w * groups nibbles (with dil_w > 1, whose columns are apart, one run per kx:
+ * the exporter then rounds groups up to whole halfwords). Scratch: 4 * groups floats for the
+ * column being built, then (in_w + 2 * pad_w) * 16 * groups floats of tables. */
+void tbn_rt_conv2d_tile(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, uint32_t groups,
+                        float *scratch, float *y);
 
 /* Convolution of x with a float32 weight (g->out_c, in_c, k_h, k_w). */
 void tbn_rt_conv2d_f32(const float *x, const tbn_rt_geom_t *g, const float *w, float *y);
