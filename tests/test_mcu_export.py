@@ -107,14 +107,16 @@ def _geometry_model() -> nn.Sequential:
         nn.BatchNorm2d(6),  # folded into a float weight
         nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False),
         nn.BatchNorm2d(6),  # after a pool: a standalone affine step
+        nn.ReLU(),  # after it: a standalone ReLU step
         nn.AvgPool2d(3, stride=2, padding=1),
         nn.Flatten(),
         nn.Dropout(0.5),
         TBNLinear(12, 12, compression_factor=3),
         nn.BatchNorm1d(12),
-        nn.ReLU(),
+        nn.ReLU(),  # folded BatchNorm, then ReLU fused into the copy step
         nn.Linear(12, 5),
-        nn.BatchNorm1d(5),
+        nn.ReLU(),
+        nn.BatchNorm1d(5),  # after a fused ReLU: a standalone affine step, not folded
     )
     torch.manual_seed(1)
     with torch.no_grad():
@@ -134,7 +136,8 @@ def test_every_layer_option_matches_on_host(tmp_path: Path) -> None:
         ref = model(x)
     export = export_model(model, (3, 12, 10), tmp_path)
     kinds = [op.kind for op in export.plan.ops]
-    assert "TBNConv2d(p=2)+BatchNorm" in kinds and "BatchNorm2d" in kinds and "Conv2d+BatchNorm" in kinds
+    assert kinds == ["TBNConv2d(p=2)+BatchNorm+ReLU", "MaxPool2d", "Conv2d+BatchNorm", "AvgPool2d", "BatchNorm2d",
+                     "ReLU", "AvgPool2d", "TBNLinear(p=3)+BatchNorm+ReLU", "Linear+ReLU", "BatchNorm1d"]
     host = tc.run_host(export, tc.build_host(export), x)
     assert rel_err(host, ref) <= MAX_REL_ERR
     assert torch.equal(host.argmax(1), ref.argmax(1))
@@ -159,7 +162,7 @@ def test_input_tile_layout_matches_on_host_and_board(tmp_path: Path) -> None:
     export = export_model(model, (8, 5, 4), tmp_path)
     ops = export.plan.ops
     assert [(op.kind, op.in_shape, op.out_shape) for op in ops[:2]] == [
-        ("combine(p=4)", (8, 5, 4), (2, 5, 4)), ("TBNConv2d(p=4, input layout)+BatchNorm", (2, 5, 4), (6, 5, 4))]
+        ("combine(p=4)", (8, 5, 4), (2, 5, 4)), ("TBNConv2d(p=4, input layout)+BatchNorm+ReLU", (2, 5, 4), (6, 5, 4))]
     assert (ops[1].rows, ops[1].p) == (6, 1) and ops[-1].in_shape == (15,)
     assert "tbn_rt_combine(in, 40u, 4u," in export.plan.generated.source
     host = tc.run_host(export, tc.build_host(export), x)

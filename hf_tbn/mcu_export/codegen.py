@@ -265,9 +265,10 @@ def _call(op: Op, base: str, src: str, dst: str, emitter: _Emitter, nibble_table
             first = f"    tbn_rt_conv2d_f32({src}, {geom}, {weights}, {dst});"
         else:
             first = f"    tbn_rt_linear_f32({src}, {op.in_shape[0]}u, {op.rows}u, {weights}, {dst});"
-    if op.scale is None and op.bias is None:
+    if not op.copies_step:
         return [first]
     scale = "NULL" if op.scale is None else emitter.floats(base + "_scale", op.scale, op.name, op.tile is not None)
     bias = "NULL" if op.bias is None else emitter.floats(base + "_bias", op.bias, op.name)
     spatial, per_channel = _numel(op.out_shape[1:]), int(op.scale_per_channel)
-    return [first, f"    tbn_rt_copies({dst}, {op.rows}u, {spatial}u, {op.p}u, {scale}, {per_channel}, {bias});"]
+    return [first, f"    tbn_rt_copies({dst}, {op.rows}u, {spatial}u, {op.p}u, {scale}, {per_channel}, {bias}, "
+                   f"{int(op.relu)});"]

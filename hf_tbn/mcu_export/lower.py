@@ -73,7 +73,8 @@ class WeightedOp(Op):
     ``tile`` holds the packed rows in the runtime's layout (each row padded to 16 bits, the
     hf_tbn.tiling bit order within; a convolution's row column by column, :func:`column_groups`).
     The runtime applies those rows once, then writes ``p`` copies scaled by ``scale`` (``p``
-    values, or one per output channel once a BatchNorm is folded), plus ``bias``.
+    values, or one per output channel once a BatchNorm is folded), plus ``bias``, clamped at 0
+    when a ReLU follows (``relu``, fused into that copy step).
     """
 
     rows: int = 0
@@ -83,6 +84,7 @@ class WeightedOp(Op):
     scale: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     geometry: Geometry | None = None
+    relu: bool = False
 
     @property
     def channels(self) -> int:
@@ -92,6 +94,11 @@ class WeightedOp(Op):
     def row_length(self) -> int:
         """Inputs of one output: in features, or ``in_c * k_h * k_w`` of a convolution."""
         return self.in_shape[0] if self.geometry is None else self.geometry.in_c * self.geometry.k_h * self.geometry.k_w
+
+    @property
+    def copies_step(self) -> bool:
+        """Whether the kernel is followed by the runtime's copy step (scales, bias, a fused ReLU)."""
+        return self.scale is not None or self.bias is not None
 
     @property
     def scale_per_channel(self) -> bool:
@@ -190,12 +197,16 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> list[Op]:
             continue
         if isinstance(module, NORMS):
             scale, shift = _norm_affine(name, module)
-            if ops and isinstance(ops[-1], WeightedOp) and ops[-1].out_shape == in_shape:
+            if ops and isinstance(ops[-1], WeightedOp) and ops[-1].out_shape == in_shape and not ops[-1].relu:
                 _fold_norm(ops[-1], scale, shift)
             else:
                 ops.append(AffineOp(name, type(module).__name__, in_shape, out_shape, scale, shift))
         elif isinstance(module, nn.ReLU):
-            ops.append(ReluOp(name, "ReLU", in_shape, out_shape))
+            if ops and isinstance(ops[-1], WeightedOp) and ops[-1].copies_step and not ops[-1].relu:
+                ops[-1].relu = True
+                ops[-1].kind += "+ReLU"
+            else:
+                ops.append(ReluOp(name, "ReLU", in_shape, out_shape))
         elif isinstance(module, POOLS):
             ops.append(_pool_op(name, module, in_shape, out_shape))
         elif isinstance(module, TBNLayer) and module.combines_inputs:

@@ -233,7 +233,7 @@ void tbn_rt_conv2d_f32(const float *x, const tbn_rt_geom_t *g, const float *w, f
 }
 
 void tbn_rt_copies(float *y, uint32_t rows, uint32_t spatial, uint32_t p, const float *scale,
-                   int scale_per_channel, const float *bias) {
+                   int scale_per_channel, const float *bias, int relu) {
     const uint32_t block = rows * spatial;
     uint32_t i = p;
     /* Last copy first: copies i >= 1 never overlap the tile rows in y[0, block), and
@@ -246,7 +246,8 @@ void tbn_rt_copies(float *y, uint32_t rows, uint32_t spatial, uint32_t p, const 
             const float a = scale == NULL ? 1.0f : scale[scale_per_channel ? c : i];
             const float b = bias == NULL ? 0.0f : bias[c];
             for (s = 0; s < spatial; ++s) {
-                dst[r * spatial + s] = y[r * spatial + s] * a + b;
+                const float v = y[r * spatial + s] * a + b;
+                dst[r * spatial + s] = relu && v < 0.0f ? 0.0f : v;
             }
         }
     }

@@ -56,9 +56,10 @@ void tbn_rt_conv2d_f32(const float *x, const tbn_rt_geom_t *g, const float *w, f
 
 /* In place: y holds rows*spatial tile outputs; writes the p copies, copy i scaled by
  * scale[i] (scale_per_channel = 0) or channel c by scale[c] (= 1, BatchNorm folded),
- * then adds bias[c] when bias is not NULL. scale NULL means 1 (dense layers). */
+ * then adds bias[c] when bias is not NULL, then (relu != 0) clamps at 0: a ReLU that follows
+ * the layer, fused. scale NULL means 1 (dense layers). */
 void tbn_rt_copies(float *y, uint32_t rows, uint32_t spatial, uint32_t p, const float *scale,
-                   int scale_per_channel, const float *bias);
+                   int scale_per_channel, const float *bias, int relu);
 
 /* The input tile layout's first step: y[j] = sum_i alpha[i] x[i * block + j] for j < block, over
  * the p blocks of x (Linear: in / p features each; Conv2d: in_c / p channels of a CHW tensor). */
