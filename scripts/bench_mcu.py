@@ -13,7 +13,7 @@ bytes, and agreement: every hf-tbn export against PyTorch on the host and on the
 (max relative error, identical argmax), the int8 build's argmax against the float model's.
 
     .venv/bin/python scripts/bench_mcu.py --doc docs/mcu.md      # the table of docs/mcu.md
-    .venv/bin/python scripts/bench_mcu.py --quick                # MLP only, few images (the test)
+    .venv/bin/python scripts/bench_mcu.py --quick                # untrained, few images (the test)
     .venv/bin/python scripts/bench_mcu.py --thresholds           # nibble vs pair tables by rows
 
 CMSIS-NN is compiled from --cmsis (its source tree, read in place, never copied).
@@ -310,7 +310,7 @@ def thresholds(workdir: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cmsis", type=Path, default=DEFAULT_CMSIS, help="CMSIS-NN source tree (read in place)")
-    parser.add_argument("--quick", action="store_true", help="MLP only, untrained, 20 images (for the tests)")
+    parser.add_argument("--quick", action="store_true", help="untrained models, 20 images (for the tests)")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs of each model before measuring")
     parser.add_argument("--train-images", type=int, default=12000, help="training images (first of the train set)")
     parser.add_argument("--images", type=int, default=200, help="test images checked on the host")
@@ -327,16 +327,16 @@ def main() -> None:
             print(thresholds(Path(tmp)))
             return
         if args.quick:
-            families, epochs, n_images, n_board = ("MLP 784-128-10",), 0, 20, 2
+            epochs, n_images, n_board = 0, 20, 2
             gen = torch.Generator().manual_seed(args.seed)
             train_x, train_y = torch.randn(256, 1, 28, 28, generator=gen), torch.randint(0, 10, (256,), generator=gen)
             test_x = torch.randn(n_images, 1, 28, 28, generator=gen)
         else:
-            families, epochs, n_images, n_board = tuple(VARIANTS), args.epochs, args.images, args.board_images
+            epochs, n_images, n_board = args.epochs, args.images, args.board_images
             train_x, train_y = (t[: args.train_images] for t in demo.load_fashion_mnist("train"))
             test_x = demo.load_fashion_mnist("test")[0][:n_images]
         rows = []
-        for family in families:
+        for family in VARIANTS:
             for variant, build in VARIANTS[family]:
                 torch.manual_seed(args.seed)
                 model = build()

@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_mcu.py"
 
 
-def _rows(text: str) -> dict[str, tuple[int, int, float]]:
-    """variant -> (weight bytes, flash, instructions) from the printed table."""
+def _rows(text: str, family: str) -> dict[str, tuple[int, int, float]]:
+    """variant -> (weight bytes, flash, instructions) of one model family from the printed table."""
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 8 and cells[0].startswith("MLP"):
+        if len(cells) == 8 and cells[0] == family:
             rows[cells[1]] = (int(cells[2].replace(",", "")), int(cells[3].replace(",", "")),
                               float(cells[5].replace(",", "")))
     return rows
@@ -36,7 +36,7 @@ def quick() -> str:
 
 
 def test_quick_bench_meets_the_targets(quick: str) -> None:
-    rows = _rows(quick)
+    rows = _rows(quick, "MLP 784-128-10")
     assert set(rows) == {"float32 export", "CMSIS-NN int8", "binary p=1", "TBN fc1 p=2", "TBN fc1 p=4", "TBN fc1 p=8"}
     cmsis = rows["CMSIS-NN int8"][2]
     assert rows["TBN fc1 p=4"][2] <= 60_000  # the issue's target for the paper's model
@@ -44,6 +44,16 @@ def test_quick_bench_meets_the_targets(quick: str) -> None:
     assert rows["TBN fc1 p=8"][2] < rows["TBN fc1 p=4"][2] < rows["TBN fc1 p=2"][2] < rows["binary p=1"][2]
     assert rows["TBN fc1 p=4"][0] * 30 < rows["CMSIS-NN int8"][0]  # 1/30 of the int8 weight bytes
     table = [line for line in quick.splitlines() if line.startswith("| MLP")]
+    assert sum(bool(re.search(r"\| = PyTorch \(rel\. err", line)) for line in table) == 5
+
+
+def test_quick_bench_cnn_beats_cmsis_nn(quick: str) -> None:
+    rows = _rows(quick, "CNN")
+    assert set(rows) == {"float32 export", "CMSIS-NN int8", "binary p=1", "TBN conv2 p=2", "TBN conv2 p=4",
+                         "TBN conv2 p=8"}
+    assert rows["binary p=1"][2] < min(rows["CMSIS-NN int8"][2], rows["float32 export"][2])
+    assert rows["TBN conv2 p=8"][2] < rows["TBN conv2 p=4"][2] < rows["TBN conv2 p=2"][2] < rows["binary p=1"][2]
+    table = [line for line in quick.splitlines() if line.startswith("| CNN")]
     assert sum(bool(re.search(r"\| = PyTorch \(rel\. err", line)) for line in table) == 5
 
 
