@@ -266,11 +266,15 @@ def test_both_table_kinds_match_on_host(nibble_table_rows: int, tmp_path: Path) 
 
 
 def _conv_tile_models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
-    """Tiled convolutions in every shape their column tables take: columns of a part of a halfword (one
-    run per window with a nibble tail) or of whole halfwords (padding columns skipped), and dilation."""
+    """Tiled convolutions in every shape their column tables take: windows of at most one halfword (a row's
+    offsets kept along the output row), columns of a part of a halfword (one run per window with a nibble
+    tail) or of whole halfwords (padding columns skipped), and dilation."""
     torch.manual_seed(4)
     return [
         ("1->6 p=2, a column of one nibble", TBNConv2d(1, 6, 3, padding=1, compression_factor=2), (1, 7, 6)),
+        ("2->4 p=1 (1, 2) kernel, a window of two nibbles", TBNConv2d(2, 4, (1, 2), compression_factor=1), (2, 5, 6)),
+        ("1->4 p=2 (3, 4) kernel strided, a window of four nibbles",
+         TBNConv2d(1, 4, (3, 4), stride=2, padding=(1, 2), compression_factor=2), (1, 7, 9)),
         ("3->8 p=2 strided, dilated (columns rounded to halfwords)",
          TBNConv2d(3, 8, 3, stride=2, padding=2, dilation=2, compression_factor=2), (3, 9, 7)),
         ("5->6 p=1 (2, 3) kernel, 3 nibbles a column", TBNConv2d(5, 6, (2, 3), padding=(1, 0), compression_factor=1),

@@ -154,6 +154,26 @@ static void tbn_rt_valid(int32_t offset, uint32_t stride, uint32_t in, uint32_t 
     *end = e > f ? e : f;
 }
 
+/* y[r * plane + ox] for the out_w windows of one output row when a window is one run of at most 4
+ * nibbles (e.g. a first layer's single channel, 3x3): a tile row's table offsets then stay in
+ * registers along the output row, window ox starting `step` floats of tables after window ox - 1. */
+static void tbn_rt_short_rows(const float *t, uint32_t step, uint32_t nibbles, const uint16_t *tile, uint32_t stride,
+                              uint32_t rows, uint32_t out_w, float *y, uint32_t plane) {
+    uint32_t r, ox;
+    for (r = 0; r < rows; ++r, tile += stride, y += plane) {
+        const uint32_t v = *tile;
+        const uint32_t o0 = v & 15u, o1 = 16u + ((v >> 4) & 15u), o2 = 32u + ((v >> 8) & 15u), o3 = 48u + (v >> 12);
+        const float *tb = t;
+        for (ox = 0; ox < out_w; ++ox, tb += step) {
+            float acc = tb[o0];
+            if (nibbles > 1u) acc += tb[o1];
+            if (nibbles > 2u) acc += tb[o2];
+            if (nibbles > 3u) acc += tb[o3];
+            y[ox] = acc;
+        }
+    }
+}
+
 void tbn_rt_conv2d_tile(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, uint32_t groups,
                         float *scratch, float *y) {
     const uint32_t in_plane = (uint32_t)g->in_h * g->in_w, plane = (uint32_t)g->out_h * g->out_w;
@@ -180,6 +200,11 @@ void tbn_rt_conv2d_tile(const float *x, const tbn_rt_geom_t *g, const uint16_t *
                 }
             }
             for (i = 0; i < groups; ++i) tbn_rt_nibble_table(v + 4u * i, ring + (g->pad_w + ix) * column + 16u * i);
+        }
+        if (g->dil_w == 1u && g->k_w * groups <= 4u) {
+            tbn_rt_short_rows(ring, g->stride_w * column, g->k_w * groups, tile, stride, g->out_c, g->out_w,
+                              y + oy * g->out_w, plane);
+            continue;
         }
         for (ox = 0; ox < g->out_w; ++ox) {
             const uint32_t c0 = ox * g->stride_w; /* padded column of the window's first tap */
