@@ -250,11 +250,11 @@ def _call(op: Op, base: str, src: str, dst: str, emitter: _Emitter, nibble_table
     assert isinstance(op, WeightedOp)
     if op.tile is not None:
         weights = emitter.halfwords(base + "_tile", op.tile)
-        kind = table_kind(op, nibble_table_rows)
         if op.geometry is not None:
             geom = emitter.geometry(base + "_geom", op.geometry, op.name)
             first = f"    tbn_rt_conv2d_tile({src}, {geom}, {weights}, {column_groups(op.geometry)}u, scratch, {dst});"
         else:
+            kind = table_kind(op, nibble_table_rows)
             chunk = _scratch_floats(op, kind)[1]
             first = (f"    tbn_rt_linear_tile({src}, {op.in_shape[0]}u, {op.rows}u, {weights}, {kind}, {chunk}u, "
                      f"scratch, {dst});")

@@ -5,9 +5,10 @@ step, and a container (``nn.Sequential`` or any module without parameters of its
 forward runs its children in registration order) contributes its children. The lowering
 checks that chain against the model's own forward on a random input and refuses a model
 whose forward does anything else (skip connections, functional calls, reordering).
-BatchNorm directly after a Linear/Conv layer is folded into that layer's scales and bias. A
-layer of the input tile layout becomes two steps: the alpha-weighted sum of its ``p`` input
-blocks (:class:`CombineOp`), then its tile as one ``p = 1`` layer (hf_tbn.tiling).
+BatchNorm directly after a Linear/Conv layer is folded into that layer's scales and bias, and a
+ReLU after a layer with scales or a bias into its copy step. A layer of the input tile layout
+becomes two steps: the alpha-weighted sum of its ``p`` input blocks (:class:`CombineOp`), then
+its tile as one ``p = 1`` layer (hf_tbn.tiling).
 """
 
 from __future__ import annotations
@@ -103,7 +104,6 @@ class WeightedOp(Op):
     @property
     def scale_per_channel(self) -> bool:
         return self.scale is not None and self.scale.numel() == self.channels and self.channels != self.p
-
 
 
 def column_groups(geometry: Geometry) -> int:
