@@ -15,6 +15,7 @@ from torch import nn
 from hf_tbn import TBNConv2d, TBNLinear, mcu_export, tiling
 from hf_tbn.cli import main as cli_main
 from hf_tbn.demos import fashion_mnist as demo
+from hf_tbn.mcu_export import codegen
 
 tc = mcu_export.toolchain
 export_model, plan_export = mcu_export.export_model, mcu_export.plan_export
@@ -289,7 +290,12 @@ def _conv_tile_models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     ]
 
 
-def test_tiled_convolutions_match_on_host_and_board(tmp_path: Path) -> None:
+@pytest.mark.parametrize("table_floats", [codegen.CONV_TABLE_FLOATS, 1], ids=["rows", "one-window"])
+def test_tiled_convolutions_match_on_host_and_board(table_floats: int, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the default table budget every row's windows share one set of column tables; with none, each
+    window builds its own (the chunk boundaries of a wide input)."""
+    monkeypatch.setattr(codegen, "CONV_TABLE_FLOATS", table_floats)
     for index, (name, conv, shape) in enumerate(_conv_tile_models()):
         c = shape[0]  # two dense layers first, so the tiled one writes a buffer holding older activations
         model = nn.Sequential(nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1), conv).eval()

@@ -18,6 +18,9 @@ _UINT16_MAX = 0xFFFF
 NIBBLE_TABLE_ROWS = 5
 # Floats of tables a linear tile layer builds at once (its inputs are taken in chunks).
 TABLE_CHUNK_FLOATS = 1024
+# Floats of column tables a tiled convolution holds at once (its output rows are taken in chunks of
+# output positions; measured trade-off of RAM against columns built twice: docs/mcu.md).
+CONV_TABLE_FLOATS = 4096
 
 
 PREFIX_MAX_LEN = 48
@@ -147,10 +150,13 @@ def table_kind(op: WeightedOp, nibble_table_rows: int) -> str:
 
 
 def _scratch_floats(op: WeightedOp, kind: str) -> tuple[int, int]:
-    """Scratch floats a tiled op needs, and (linear) the halfwords of input whose tables are built at once."""
-    if op.geometry is not None:  # the column being built, then the tables of every padded input column
-        g, groups = op.geometry, column_groups(op.geometry)
-        return 4 * groups + (g.in_w + 2 * g.pad_w) * 16 * groups, 0
+    """Scratch floats a tiled op needs, and the halfwords of input (linear) or the output positions of a row
+    (convolution) whose tables are built at once."""
+    if op.geometry is not None:  # the column being built, then the tables of a chunk's padded input columns
+        g, column = op.geometry, 16 * column_groups(op.geometry)
+        reach = (g.k_w - 1) * g.dil_w + 1
+        chunk = max(1, min(g.out_w, (CONV_TABLE_FLOATS // column - reach) // g.stride_w + 1))
+        return column // 4 + ((chunk - 1) * g.stride_w + reach) * column, chunk
     stride = math.ceil(op.row_length / 16)
     per_halfword = 32 if kind == "TBN_RT_PAIR" else 64  # TBN_RT_TABLE_FLOATS
     chunk = max(1, min(stride, TABLE_CHUNK_FLOATS // per_halfword))
@@ -252,7 +258,9 @@ def _call(op: Op, base: str, src: str, dst: str, emitter: _Emitter, nibble_table
         weights = emitter.halfwords(base + "_tile", op.tile)
         if op.geometry is not None:
             geom = emitter.geometry(base + "_geom", op.geometry, op.name)
-            first = f"    tbn_rt_conv2d_tile({src}, {geom}, {weights}, {column_groups(op.geometry)}u, scratch, {dst});"
+            chunk = _scratch_floats(op, table_kind(op, nibble_table_rows))[1]
+            first = (f"    tbn_rt_conv2d_tile({src}, {geom}, {weights}, {column_groups(op.geometry)}u, {chunk}u, "
+                     f"scratch, {dst});")
         else:
             kind = table_kind(op, nibble_table_rows)
             chunk = _scratch_floats(op, kind)[1]

@@ -175,50 +175,61 @@ static void tbn_rt_short_rows(const float *t, uint32_t step, uint32_t nibbles, c
 }
 
 void tbn_rt_conv2d_tile(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, uint32_t groups,
-                        float *scratch, float *y) {
+                        uint32_t chunk, float *scratch, float *y) {
     const uint32_t in_plane = (uint32_t)g->in_h * g->in_w, plane = (uint32_t)g->out_h * g->out_w;
     const uint32_t column = 16u * groups;                          /* floats of one input column's tables */
     const uint32_t stride = ((uint32_t)g->k_w * groups + 3u) / 4u; /* halfwords of a tile row */
+    const uint32_t reach = (uint32_t)(g->k_w - 1u) * g->dil_w + 1u;  /* padded columns one window spans */
+    const int short_rows = g->dil_w == 1u && g->k_w * groups <= 4u;
     float *const v = scratch, *const ring = scratch + 4u * groups;
-    uint32_t oy, ox, ix, ky, ic, kx, i;
-    /* ring[c]: the tables of padded input column c, zeros for the padding columns */
+    uint32_t oy, ox0, ox, c, ky, ic, kx, i;
     for (i = 0; i < 4u * groups; ++i) v[i] = 0.0f;
-    for (i = 0; i < (uint32_t)g->pad_w * column; ++i) ring[i] = ring[(g->pad_w + g->in_w) * column + i] = 0.0f;
     for (oy = 0; oy < g->out_h; ++oy) {
         const int32_t iy0 = (int32_t)(oy * g->stride_h) - g->pad_h;
         uint32_t ky0, ky1;
         tbn_rt_valid(iy0, g->dil_h, g->in_h, g->k_h, &ky0, &ky1);
-        for (ix = 0; ix < g->in_w; ++ix) {
-            /* v: the window column (ky, ic) at input column ix, zeros above / below the input */
-            for (ky = 0; ky < g->k_h; ++ky) {
-                float *const vk = v + ky * g->in_c;
-                if (ky < ky0 || ky >= ky1) {
-                    for (ic = 0; ic < g->in_c; ++ic) vk[ic] = 0.0f;
-                } else {
-                    const float *const xp = x + (uint32_t)(iy0 + (int32_t)(ky * g->dil_h)) * g->in_w + ix;
-                    for (ic = 0; ic < g->in_c; ++ic) vk[ic] = xp[ic * in_plane];
+        for (ox0 = 0; ox0 < g->out_w; ox0 += chunk) {
+            const uint32_t n = g->out_w - ox0 < chunk ? g->out_w - ox0 : chunk;
+            const uint32_t c_first = ox0 * g->stride_w, c_end = (ox0 + n - 1u) * g->stride_w + reach;
+            /* ring[c - c_first]: the tables of padded input column c, zeros for a padding column */
+            for (c = c_first; c < c_end; ++c) {
+                float *const t = ring + (c - c_first) * column;
+                if (c < g->pad_w || c >= (uint32_t)g->pad_w + g->in_w) {
+                    for (i = 0; i < column; ++i) t[i] = 0.0f;
+                    continue;
                 }
+                /* v: the window column (ky, ic) at input column c - pad_w, zeros above / below the input */
+                for (ky = 0; ky < g->k_h; ++ky) {
+                    float *const vk = v + ky * g->in_c;
+                    if (ky < ky0 || ky >= ky1) {
+                        for (ic = 0; ic < g->in_c; ++ic) vk[ic] = 0.0f;
+                    } else {
+                        const float *const xp = x + (uint32_t)(iy0 + (int32_t)(ky * g->dil_h)) * g->in_w + c - g->pad_w;
+                        for (ic = 0; ic < g->in_c; ++ic) vk[ic] = xp[ic * in_plane];
+                    }
+                }
+                for (i = 0; i < groups; ++i) tbn_rt_nibble_table(v + 4u * i, t + 16u * i);
             }
-            for (i = 0; i < groups; ++i) tbn_rt_nibble_table(v + 4u * i, ring + (g->pad_w + ix) * column + 16u * i);
-        }
-        if (g->dil_w == 1u && g->k_w * groups <= 4u) {
-            tbn_rt_short_rows(ring, g->stride_w * column, g->k_w * groups, tile, stride, g->out_c, g->out_w,
-                              y + oy * g->out_w, plane);
-            continue;
-        }
-        for (ox = 0; ox < g->out_w; ++ox) {
-            const uint32_t c0 = ox * g->stride_w; /* padded column of the window's first tap */
-            uint32_t kx0 = 0, kx1 = g->k_w, span;
-            if (groups % 4u == 0u) { /* columns of whole halfwords: the run can skip the padding columns */
-                uint32_t first, end;
-                tbn_rt_valid((int32_t)c0 - g->pad_w, g->dil_w, g->in_w, g->k_w, &first, &end);
-                kx0 = first < end ? first : 0u;
-                kx1 = first < end ? end : g->k_w;
+            if (short_rows) {
+                tbn_rt_short_rows(ring, g->stride_w * column, g->k_w * groups, tile, stride, g->out_c, n,
+                                  y + oy * g->out_w + ox0, plane);
+                continue;
             }
-            span = g->dil_w == 1u ? kx1 - kx0 : 1u;
-            for (kx = kx0; kx < kx1; kx += span) {
-                tbn_rt_lookup_nibble(ring + (c0 + kx * g->dil_w) * column, span * groups, tile + kx * groups / 4u,
-                                     stride, g->out_c, y + oy * g->out_w + ox, plane, kx != kx0);
+            for (ox = ox0; ox < ox0 + n; ++ox) {
+                const uint32_t c0 = ox * g->stride_w; /* padded column of the window's first tap */
+                uint32_t kx0 = 0, kx1 = g->k_w, span;
+                if (groups % 4u == 0u) { /* columns of whole halfwords: the run can skip the padding columns */
+                    uint32_t first, end;
+                    tbn_rt_valid((int32_t)c0 - g->pad_w, g->dil_w, g->in_w, g->k_w, &first, &end);
+                    kx0 = first < end ? first : 0u;
+                    kx1 = first < end ? end : g->k_w;
+                }
+                span = g->dil_w == 1u ? kx1 - kx0 : 1u;
+                for (kx = kx0; kx < kx1; kx += span) {
+                    tbn_rt_lookup_nibble(ring + (c0 - c_first + kx * g->dil_w) * column, span * groups,
+                                         tile + kx * groups / 4u, stride, g->out_c, y + oy * g->out_w + ox, plane,
+                                         kx != kx0);
+                }
             }
         }
     }

@@ -40,16 +40,17 @@ void tbn_rt_linear_tile(const float *x, uint32_t in, uint32_t rows, const uint16
 void tbn_rt_linear_f32(const float *x, uint32_t in, uint32_t rows, const float *w, float *y);
 
 /* Convolution of x (in_c, in_h, in_w) with the g->out_c rows of a tile. The window's values at one
- * input column, (ky, ic) for the k_h rows an output row reads, are its column: for each output row
- * the nibble tables of every input column's column (`groups` tables of 4 values, zeros above or
- * below the input and after the k_h * in_c values) are built once into scratch, beside zero tables
- * for the padding columns, and serve all k_w windows that read that column. A tile row holds, for
- * each kx, the 4 * groups bits of its column in the same (ky, ic) order, so the window is one
- * lookup run of k_w * groups nibbles (with dil_w > 1, whose columns are apart, one run per kx:
- * the exporter then rounds groups up to whole halfwords). Scratch: 4 * groups floats for the
- * column being built, then (in_w + 2 * pad_w) * 16 * groups floats of tables. */
+ * input column, (ky, ic) for the k_h rows an output row reads, are its column: for `chunk` output
+ * positions of an output row at a time, the nibble tables of the padded input columns they read
+ * (`groups` tables of 4 values, zeros above or below the input and after the k_h * in_c values;
+ * all zeros for a padding column) are built once into scratch and serve every window that reads
+ * them. A tile row holds, for each kx, the 4 * groups bits of its column in the same (ky, ic)
+ * order, so the window is one lookup run of k_w * groups nibbles (with dil_w > 1, whose columns
+ * are apart, one run per kx: the exporter then rounds groups up to whole halfwords). Scratch:
+ * 4 * groups floats for the column being built, then ((chunk - 1) * stride_w + (k_w - 1) * dil_w
+ * + 1) * 16 * groups floats of tables. */
 void tbn_rt_conv2d_tile(const float *x, const tbn_rt_geom_t *g, const uint16_t *tile, uint32_t groups,
-                        float *scratch, float *y);
+                        uint32_t chunk, float *scratch, float *y);
 
 /* Convolution of x with a float32 weight (g->out_c, in_c, k_h, k_w). */
 void tbn_rt_conv2d_f32(const float *x, const tbn_rt_geom_t *g, const float *w, float *y);
