@@ -149,7 +149,7 @@ def table_kind(op: WeightedOp, nibble_table_rows: int) -> str:
     return "TBN_RT_NIBBLE" if op.rows >= nibble_table_rows else "TBN_RT_PAIR"
 
 
-def _scratch_floats(op: WeightedOp, kind: str) -> tuple[int, int]:
+def _scratch_floats(op: WeightedOp, nibble_table_rows: int) -> tuple[int, int]:
     """Scratch floats a tiled op needs, and the halfwords of input (linear) or the output positions of a row
     (convolution) whose tables are built at once."""
     if op.geometry is not None:  # the column being built, then the tables of a chunk's padded input columns
@@ -158,7 +158,7 @@ def _scratch_floats(op: WeightedOp, kind: str) -> tuple[int, int]:
         chunk = max(1, min(g.out_w, (CONV_TABLE_FLOATS // column - reach) // g.stride_w + 1))
         return column // 4 + ((chunk - 1) * g.stride_w + reach) * column, chunk
     stride = math.ceil(op.row_length / 16)
-    per_halfword = 32 if kind == "TBN_RT_PAIR" else 64  # TBN_RT_TABLE_FLOATS
+    per_halfword = 32 if table_kind(op, nibble_table_rows) == "TBN_RT_PAIR" else 64  # TBN_RT_TABLE_FLOATS
     chunk = max(1, min(stride, TABLE_CHUNK_FLOATS // per_halfword))
     return chunk * per_halfword, chunk
 
@@ -176,7 +176,7 @@ def generate(ops: list[Op], input_shape: tuple[int, ...], output_shape: tuple[in
     input_size, output_size = _numel(input_shape), _numel(output_shape)
     copy_input, writes, sizes = _plan_buffers(ops)
     emitter = _Emitter()
-    scratch = max([0] + [_scratch_floats(op, table_kind(op, nibble_table_rows))[0]
+    scratch = max([0] + [_scratch_floats(op, nibble_table_rows)[0]
                          for op in ops if isinstance(op, WeightedOp) and op.tile is not None])
     body: list[str] = [f"    tbn_rt_copy(in, buf0, {input_size}u);"] if copy_input else []
     current = 0 if copy_input else -1
@@ -258,12 +258,11 @@ def _call(op: Op, base: str, src: str, dst: str, emitter: _Emitter, nibble_table
         weights = emitter.halfwords(base + "_tile", op.tile)
         if op.geometry is not None:
             geom = emitter.geometry(base + "_geom", op.geometry, op.name)
-            chunk = _scratch_floats(op, table_kind(op, nibble_table_rows))[1]
+            chunk = _scratch_floats(op, nibble_table_rows)[1]
             first = (f"    tbn_rt_conv2d_tile({src}, {geom}, {weights}, {column_groups(op.geometry)}u, {chunk}u, "
                      f"scratch, {dst});")
         else:
-            kind = table_kind(op, nibble_table_rows)
-            chunk = _scratch_floats(op, kind)[1]
+            kind, chunk = table_kind(op, nibble_table_rows), _scratch_floats(op, nibble_table_rows)[1]
             first = (f"    tbn_rt_linear_tile({src}, {op.in_shape[0]}u, {op.rows}u, {weights}, {kind}, {chunk}u, "
                      f"scratch, {dst});")
     else:
