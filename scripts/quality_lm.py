@@ -8,7 +8,9 @@ full-precision model gets the same fine-tuning budget. Fortunes are shuffled wit
 quality_bbc.py: ``fp``, ``P``, ``P+warmup``, ``P+distill`` (teacher: the pretrained checkpoint,
 hf_tbn.distill.load_teacher's default, or with ``--teacher fp`` the fp variant fine-tuned first,
 as BitDistill does). The perplexity is also measured at the fractions
-``--eval-at`` of the run (a perplexity-against-tokens curve). ``--validation`` scores on blocks
+``--eval-at`` of the run (learning rate not yet annealed). ``--steps 60,120,240`` runs every variant once per
+budget, each with its whole schedule: a perplexity-against-tokens curve (task ``lm-tokens``), the teacher of
+each budget the fp variant of that budget. ``--validation`` scores on blocks
 taken from the end of the training split instead of the held-out fortunes. ``--seeds 0,1,2`` repeats
 everything per seed (its own split and order) and reports the mean, std and worst seed; a variant beside the
 plain ``P`` of the same p (``P+distill``) also gets how many times lower its perplexity is than that plain row's.
@@ -19,6 +21,7 @@ plain ``P`` of the same p (``P+distill``) also gets how many times lower its per
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 from collections.abc import Callable
@@ -55,6 +58,8 @@ NOTES = ("'before' is the model as loaded (for TBN: right after conversion, no t
          "embeddings / lm_head stay full precision. +warmup: hf_tbn.qat.QuantizationWarmup; +distill: "
          "hf_tbn.distill.DistillationTrainer, teacher = {teacher} (docs/distillation.md). "
          "'x lower than plain': the same p's plain row over this row, a mean of per-seed ratios.")
+CURVE_NOTES = (" One run per budget ('tokens': steps x blocks x tokens per block), each with its whole learning-rate "
+               "schedule; the teacher of a +distill row is the fp row of its own budget.")
 METRIC = "perplexity after fine-tuning"
 PLAIN_RATIO = "x lower than plain"  # the same p trained plain (no warm-up, no teacher) over this variant
 TEACHERS = {"pretrained": "the pretrained checkpoint", "fp": "the fp row's model after its fine-tuning"}
@@ -131,10 +136,22 @@ class PerplexityAt(TrainerCallback):
             model.train()
 
 
+def step_list(text: str) -> list[int]:
+    """``--steps``: comma-separated positive step counts, each a budget of its own."""
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"steps {text!r}: expected comma-separated positive integers, e.g. 60,120")
+    return sorted(set(steps))
+
+
 def main() -> None:
     parser = quality_parser(__doc__, several_seeds=True)
     parser.add_argument("--cache", type=Path, default=Path("outputs/smollm2"), help="plain HF copy of SmolLM2")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=step_list, help="optimizer steps; several: one run per budget (default 60, "
+                                                        "--quick 2)")
     parser.add_argument("--batch", type=int, default=4, help="blocks per step")
     parser.add_argument("--block", type=int, default=128, help="tokens per scored block")
     parser.add_argument("--train-block", type=int, help="tokens per training block (default: --block)")
@@ -143,7 +160,8 @@ def main() -> None:
                         help="+distill teacher: the pretrained checkpoint, or the fp variant after its fine-tuning")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (Trainer's; 0: none)")
     parser.add_argument("--eval-blocks", type=int, default=64)
-    parser.add_argument("--eval-at", default="0.25,0.5", help="fractions of the run, besides its end, to score at")
+    parser.add_argument("--eval-at", default="0.25,0.5",
+                        help="fractions of the run, besides its end, to score at (one budget only)")
     add_variant_options(parser, VARIANTS)
     args = parser.parse_args()
     plan = variant_plan(args, VARIANTS, QUICK_VARIANTS, fp_teacher=args.teacher == "fp")
@@ -154,10 +172,11 @@ def main() -> None:
     block = 32 if args.quick else args.block
     train_block = block if args.quick or args.train_block is None else args.train_block
     n_eval = 4 if args.quick else args.eval_blocks
-    steps = 2 if args.quick else args.steps
-    checkpoints = sorted({max(1, round(float(f) * steps)) for f in args.eval_at.split(",") if f} - {steps})
+    budgets = args.steps or [2 if args.quick else 60]
+    curve = len(budgets) > 1  # one row per variant and budget, no part-way scores
+    fractions = [] if curve else [float(f) for f in args.eval_at.split(",") if f]
     split_name = "validation" if args.validation else "held-out"
-    budget = {"steps": steps, "batch_size": args.batch, "block_tokens": block,
+    budget = {"steps": budgets if curve else budgets[0], "batch_size": args.batch, "block_tokens": block,
               **({"train_block_tokens": train_block} if train_block != block else {}), "lr": budget_rates(rates),
               "scheduler": "cosine",
               **({"max_grad_norm": args.max_grad_norm} if args.max_grad_norm != 1.0 else {}),
@@ -166,49 +185,55 @@ def main() -> None:
               "distill": vars(distill) if plan.distills else None,
               **({"teacher": TEACHERS["fp"]} if args.teacher == "fp" else {})}
     tokens_per_step = args.batch * train_block
-    results: dict[str, list] = {v: [] for v in variants}
+    results: dict[tuple[str, int], list] = {(v, s): [] for v in variants for s in budgets}  # rows: variant, budget
     for seed in seeds:
         train, test = train_and_scored(tokenizer, seed, block, train_block, n_eval, args.validation)
         budget.setdefault("train_blocks", []).append(len(train))  # each seed its own split
         budget["eval_tokens"] = test.ids.numel()
-        teacher, plain = None, {}  # plain: the perplexity of each p trained without warm-up or teacher
-        for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
-            tbn = TBNConfig(compression_factor=p, **layer_options(args)) if p is not None else None
-            extra = {} if tbn is None else {"quantization_config": tbn}
-            model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
-            before = perplexity(model, test)
-            targs = TrainingArguments(
-                output_dir=trainer_output_dir(), max_steps=steps, per_device_train_batch_size=args.batch,
-                learning_rate=rates[variant], max_grad_norm=args.max_grad_norm,
-                lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no", report_to="none", use_cpu=True,
-                seed=seed, data_seed=seed, logging_steps=10, disable_tqdm=True,
-            )
-            curve = PerplexityAt(test, checkpoints)
-            seconds = train_variant((p, warmup, use_teacher), args.warmup, distill, teacher, model=model, args=targs,
-                                    train_dataset=train, callbacks=[curve])
-            if p is not None:
-                pack_model(model)
-            after = perplexity(model, test)
-            metrics = {METRIC: after, "perplexity before": before}
-            metrics.update({f"after {s * tokens_per_step} tokens": curve.curve[s] for s in checkpoints})
-            if p is not None and not (warmup or use_teacher):
-                plain[p] = after
-            elif p in plain:  # for +distill: the issue's measure of distillation
-                metrics[PLAIN_RATIO] = plain[p] / after
-            results[variant].append(measure(f"p={variant}" if p is not None else None, model, metrics, seconds))
-            print(f"lm {variant} seed {seed}: ppl before {before:.1f} after {after:.1f} "
-                  f"({steps * tokens_per_step} tokens) "
-                  + " ".join(f"{s * tokens_per_step} tok {curve.curve[s]:.1f}" for s in checkpoints)
-                  + (f" ({metrics[PLAIN_RATIO]:.2f}x lower than plain)" if PLAIN_RATIO in metrics else "")
-                  + f" bits/weight {results[variant][-1].bits_converted:.3f} {seconds:.0f}s", flush=True)
-            if p is None and args.teacher == "fp":
-                teacher = model
-            del model
-            title = f"SmolLM2-135M on fortunes: {split_name} perplexity"
-            notes = NOTES.format(teacher=TEACHERS[args.teacher])
-            publish(Task("lm-validation" if args.validation else "lm", title, METRIC, False,
-                         budget, [over_seeds(r, METRIC, False) for r in results.values() if r], notes=notes),
-                    args.out, seed == seeds[-1] and variant == variants[-1])
+        for steps in budgets:
+            checkpoints = sorted({max(1, round(f * steps)) for f in fractions} - {steps})
+            teacher, plain = None, {}  # plain: the perplexity of each p trained without warm-up or teacher
+            for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
+                tbn = TBNConfig(compression_factor=p, **layer_options(args)) if p is not None else None
+                extra = {} if tbn is None else {"quantization_config": tbn}
+                model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
+                before = perplexity(model, test)
+                targs = TrainingArguments(
+                    output_dir=trainer_output_dir(), max_steps=steps, per_device_train_batch_size=args.batch,
+                    learning_rate=rates[variant], max_grad_norm=args.max_grad_norm,
+                    lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no", report_to="none",
+                    use_cpu=True, seed=seed, data_seed=seed, logging_steps=10, disable_tqdm=True,
+                )
+                part_way = PerplexityAt(test, checkpoints)
+                seconds = train_variant((p, warmup, use_teacher), args.warmup, distill, teacher, model=model,
+                                        args=targs, train_dataset=train, callbacks=[part_way])
+                if p is not None:
+                    pack_model(model)
+                after = perplexity(model, test)
+                metrics = {"tokens": float(steps * tokens_per_step)} if curve else {}
+                metrics.update({METRIC: after, "perplexity before": before})
+                metrics.update({f"after {s * tokens_per_step} tokens": part_way.curve[s] for s in checkpoints})
+                if p is not None and not (warmup or use_teacher):
+                    plain[p] = after
+                elif p in plain:  # for +distill: the issue's measure of distillation
+                    metrics[PLAIN_RATIO] = plain[p] / after
+                results[variant, steps].append(
+                    measure(f"p={variant}" if p is not None else None, model, metrics, seconds))
+                print(f"lm {variant} seed {seed}: ppl before {before:.1f} after {after:.1f} "
+                      f"({steps * tokens_per_step} tokens) "
+                      + " ".join(f"{s * tokens_per_step} tok {part_way.curve[s]:.1f}" for s in checkpoints)
+                      + (f" ({metrics[PLAIN_RATIO]:.2f}x lower than plain)" if PLAIN_RATIO in metrics else "")
+                      + f" bits/weight {results[variant, steps][-1].bits_converted:.3f} {seconds:.0f}s", flush=True)
+                if p is None and args.teacher == "fp":
+                    teacher = model
+                del model
+                name = "lm-tokens" if curve else "lm"
+                title = f"SmolLM2-135M on fortunes: {split_name} perplexity" + (" against tokens" if curve else "")
+                notes = NOTES.format(teacher=TEACHERS[args.teacher]) + (CURVE_NOTES if curve else "")
+                publish(Task(f"{name}-validation" if args.validation else name, title, METRIC, False, budget,
+                             [over_seeds(r, METRIC, False) for r in results.values() if r], notes=notes,
+                             x_metric="tokens" if curve else ""),
+                        args.out, (seed, steps, variant) == (seeds[-1], budgets[-1], variants[-1]))
 
 
 if __name__ == "__main__":

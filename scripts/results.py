@@ -54,12 +54,18 @@ class Task:
 
     name: str
     title: str
-    metric: str  # the metric plotted against bits per weight
+    metric: str  # the metric plotted against bits per weight (or against ``x_metric``)
     higher_is_better: bool
     budget: dict[str, object]
     rows: list[Row]
     notes: str = ""
     command: str = ""  # the script's options in the run that measured the rows
+    x_metric: str = ""  # set: a curve of ``metric`` against this metric of the rows, one line per variant
+
+    @property
+    def x_label(self) -> str:
+        """What the plot's x axis shows."""
+        return self.x_metric or "bits per weight"
 
 
 def quality_parser(doc: str, several_seeds: bool = False) -> argparse.ArgumentParser:
@@ -318,26 +324,36 @@ def render(tasks: Sequence[Task]) -> str:
         command = " ".join(filter(None, [f".venv/bin/python scripts/quality_{t.name.split('-')[0]}.py", t.command]))
         parts += [f"## {t.title}\n", f"Command: `{command}`  ",
                   f"Budget: `{json.dumps(t.budget)}`\n", format_table(t), "",
-                  f"![{t.metric} against bits per weight](results/{t.name}.png)\n"]
+                  f"![{t.metric} against {t.x_label}](results/{t.name}.png)\n"]
         if t.notes:
             parts += [t.notes, ""]
     return "\n".join(parts) + "\n"
 
 
 def plot(task: Task, path: Path) -> None:
-    """The task's metric against bits per weight of the converted layers (log scale)."""
+    """The task's metric against bits per weight of the converted layers (log scale), or with ``x_metric``
+    a line per variant through its rows against that metric (log-log)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for r in task.rows:
-        x = r.bits_converted
-        ax.scatter([x], [r.metrics[task.metric]], label=r.variant)
-        ax.annotate(r.variant, (x, r.metrics[task.metric]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if task.x_metric:
+        for variant in dict.fromkeys(r.variant for r in task.rows):
+            points = sorted((r.metrics[task.x_metric], r.metrics[task.metric]) for r in task.rows
+                            if r.variant == variant)
+            ax.plot(*zip(*points, strict=True), marker="o", label=variant)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        for r in task.rows:
+            x = r.bits_converted
+            ax.scatter([x], [r.metrics[task.metric]], label=r.variant)
+            ax.annotate(r.variant, (x, r.metrics[task.metric]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("bits per weight (converted layers)")
+    ax.set_xlabel(task.x_metric or "bits per weight (converted layers)")
     ax.set_ylabel(task.metric)
     ax.set_title(task.title, fontsize=9)
     ax.grid(True, alpha=0.3)
