@@ -98,6 +98,27 @@ def test_quality_lm_quick(tmp_path: Path, smollm2_dir: Path) -> None:
     assert "teacher = the fp row's model" in (tmp_path / "results.md").read_text()
 
 
+def test_quality_lm_token_curve_quick(tmp_path: Path, smollm2_dir: Path) -> None:
+    """--steps with several budgets: every variant trained once per budget (its own whole schedule), a row per
+    variant and budget with its tokens, the distilled row's ratio against the plain row of the same budget, and a
+    plot of perplexity against tokens."""
+    stdout = run_script("quality_lm.py", "--quick", "--out", str(tmp_path), "--cache", str(smollm2_dir),
+                        "--variants", "4,4+distill", "--steps", "3,2")
+    check_published(tmp_path, stdout, ["lm-tokens"], 4)
+    task = json.loads((tmp_path / "results" / "lm-tokens.json").read_text())
+    assert task["x_metric"] == "tokens" and task["budget"]["steps"] == [2, 3]
+    rows = {(row["variant"], row["metrics"]["tokens"]): row["metrics"] for row in task["rows"]}
+    assert list(rows) == [("p=4", 256.0), ("p=4", 384.0), ("p=4+distill", 256.0), ("p=4+distill", 384.0)]
+    printed = {(v, int(n)): float(m) for v, m, n in re.findall(r"lm (\S+) seed 0: ppl before \S+ after (\S+) \((\d+) "
+                                                                r"tokens\)", stdout)}
+    for tokens in (256, 384):  # steps x 4 blocks x 32 tokens
+        assert rows["p=4", tokens]["perplexity after fine-tuning"] == pytest.approx(printed["4", tokens], rel=1e-3)
+        ratio = printed["4", tokens] / printed["4+distill", tokens]
+        assert rows["p=4+distill", tokens]["x lower than plain"] == pytest.approx(ratio, rel=1e-3)
+    assert printed["4", 256] != printed["4", 384]  # each budget trained on its own
+    assert "against tokens](results/lm-tokens.png)" in (tmp_path / "results.md").read_text()
+
+
 def test_quality_lm_scratch_quick(tmp_path: Path) -> None:
     stdout = run_script("quality_lm_scratch.py", "--quick", "--out", str(tmp_path))
     check_published(tmp_path, stdout, ["lm_scratch"], 2)
