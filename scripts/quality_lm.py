@@ -185,6 +185,10 @@ def main() -> None:
               "distill": vars(distill) if plan.distills else None,
               **({"teacher": TEACHERS["fp"]} if args.teacher == "fp" else {})}
     tokens_per_step = args.batch * train_block
+    name = "lm-tokens" if curve else "lm"
+    task_name = f"{name}-validation" if args.validation else name
+    title = f"SmolLM2-135M on fortunes: {split_name} perplexity" + (" against tokens" if curve else "")
+    notes = NOTES.format(teacher=TEACHERS[args.teacher]) + (CURVE_NOTES if curve else "")
     results: dict[tuple[str, int], list] = {(v, s): [] for v in variants for s in budgets}  # rows: variant, budget
     for seed in seeds:
         train, test = train_and_scored(tokenizer, seed, block, train_block, n_eval, args.validation)
@@ -227,10 +231,7 @@ def main() -> None:
                 if p is None and args.teacher == "fp":
                     teacher = model
                 del model
-                name = "lm-tokens" if curve else "lm"
-                title = f"SmolLM2-135M on fortunes: {split_name} perplexity" + (" against tokens" if curve else "")
-                notes = NOTES.format(teacher=TEACHERS[args.teacher]) + (CURVE_NOTES if curve else "")
-                publish(Task(f"{name}-validation" if args.validation else name, title, METRIC, False, budget,
+                publish(Task(task_name, title, METRIC, False, budget,
                              [over_seeds(r, METRIC, False) for r in results.values() if r], notes=notes,
                              x_metric="tokens" if curve else ""),
                         args.out, (seed, steps, variant) == (seeds[-1], budgets[-1], variants[-1]))
