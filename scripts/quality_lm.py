@@ -33,6 +33,7 @@ from results import (
     add_lr_option,
     add_variant_options,
     budget_rates,
+    int_list,
     layer_options,
     measure,
     over_seeds,
@@ -48,18 +49,19 @@ from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback, Train
 
 from hf_tbn import TBNConfig, pack_model
 from hf_tbn.demos.models import smollm2_dir
+from hf_tbn.distill import DistillConfig
 from hf_tbn.qat import set_blend
 
 FORTUNES = Path("/usr/share/games/fortunes")
 VARIANTS = "fp,1,2,4,8,4+distill,8+distill"
 QUICK_VARIANTS = "fp,4+distill"
-NOTES = ("'before' is the model as loaded (for TBN: right after conversion, no training); 'after N tokens': the same "
-         "run scored part-way (its learning rate not yet annealed). Converted: every decoder Linear; the tied "
-         "embeddings / lm_head stay full precision. +warmup: hf_tbn.qat.QuantizationWarmup; +distill: "
-         "hf_tbn.distill.DistillationTrainer, teacher = {teacher} (docs/distillation.md). "
+NOTES = ("'before' is the model as loaded (for TBN: right after conversion, no training){part_way}. Converted: every "
+         "decoder Linear; the tied embeddings / lm_head stay full precision. +warmup: hf_tbn.qat.QuantizationWarmup; "
+         "+distill: hf_tbn.distill.DistillationTrainer, teacher = {teacher} (docs/distillation.md). "
          "'x lower than plain': the same p's plain row over this row, a mean of per-seed ratios.")
 CURVE_NOTES = (" One run per budget ('tokens': steps x blocks x tokens per block), each with its whole learning-rate "
                "schedule; the teacher of a +distill row is the fp row of its own budget.")
+PART_WAY_NOTE = "; 'after N tokens': the same run scored part-way (its learning rate not yet annealed)"
 METRIC = "perplexity after fine-tuning"
 PLAIN_RATIO = "x lower than plain"  # the same p trained plain (no warm-up, no teacher) over this variant
 TEACHERS = {"pretrained": "the pretrained checkpoint", "fp": "the fp row's model after its fine-tuning"}
@@ -138,13 +140,34 @@ class PerplexityAt(TrainerCallback):
 
 def step_list(text: str) -> list[int]:
     """``--steps``: comma-separated positive step counts, each a budget of its own."""
-    try:
-        steps = [int(s) for s in text.split(",")]
-    except ValueError:
-        steps = []
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"steps {text!r}: expected comma-separated positive integers, e.g. 60,120")
-    return sorted(set(steps))
+    return sorted(set(int_list(text, "steps", "60,120", minimum=1)))
+
+
+def load_variant(model_dir: Path, p: int | None, args: argparse.Namespace) -> LlamaForCausalLM:
+    """The checkpoint in full precision (``p`` None) or converted to TBN p with the command's layer options."""
+    extra = {} if p is None else {"quantization_config": TBNConfig(compression_factor=p, **layer_options(args))}
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
+
+
+def fine_tune(model: LlamaForCausalLM, variant: tuple[int | None, bool, bool], args: argparse.Namespace,
+              rate: float, steps: int, seed: int, data: tuple[Blocks, Blocks], checkpoints: list[int],
+              distill: DistillConfig, teacher: LlamaForCausalLM | None) -> tuple[float, dict[int, float]]:
+    """Fine-tune a variant (results.parse_variant) in place for ``steps`` on ``data``'s training blocks, then pack
+    it if TBN; returns the training seconds and its perplexity on ``data``'s scored blocks after each of
+    ``checkpoints``' steps."""
+    train, test = data
+    targs = TrainingArguments(
+        output_dir=trainer_output_dir(), max_steps=steps, per_device_train_batch_size=args.batch,
+        learning_rate=rate, max_grad_norm=args.max_grad_norm, lr_scheduler_type="cosine", warmup_steps=0.05,
+        save_strategy="no", report_to="none", use_cpu=True, seed=seed, data_seed=seed, logging_steps=10,
+        disable_tqdm=True,
+    )
+    part_way = PerplexityAt(test, checkpoints)
+    seconds = train_variant(variant, args.warmup, distill, teacher, model=model, args=targs, train_dataset=train,
+                            callbacks=[part_way])
+    if variant[0] is not None:
+        pack_model(model)
+    return seconds, part_way.curve
 
 
 def main() -> None:
@@ -188,7 +211,8 @@ def main() -> None:
     name = "lm-tokens" if curve else "lm"
     task_name = f"{name}-validation" if args.validation else name
     title = f"SmolLM2-135M on fortunes: {split_name} perplexity" + (" against tokens" if curve else "")
-    notes = NOTES.format(teacher=TEACHERS[args.teacher]) + (CURVE_NOTES if curve else "")
+    notes = (NOTES.format(part_way=PART_WAY_NOTE if fractions else "", teacher=TEACHERS[args.teacher])
+             + (CURVE_NOTES if curve else ""))
     results: dict[tuple[str, int], list] = {(v, s): [] for v in variants for s in budgets}  # rows: variant, budget
     for seed in seeds:
         train, test = train_and_scored(tokenizer, seed, block, train_block, n_eval, args.validation)
@@ -197,26 +221,16 @@ def main() -> None:
         for steps in budgets:
             checkpoints = sorted({max(1, round(f * steps)) for f in fractions} - {steps})
             teacher, plain = None, {}  # plain: the perplexity of each p trained without warm-up or teacher
-            for variant, (p, warmup, use_teacher) in zip(variants, plan.parsed, strict=True):
-                tbn = TBNConfig(compression_factor=p, **layer_options(args)) if p is not None else None
-                extra = {} if tbn is None else {"quantization_config": tbn}
-                model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
+            for variant, parsed in zip(variants, plan.parsed, strict=True):
+                p, warmup, use_teacher = parsed
+                model = load_variant(model_dir, p, args)
                 before = perplexity(model, test)
-                targs = TrainingArguments(
-                    output_dir=trainer_output_dir(), max_steps=steps, per_device_train_batch_size=args.batch,
-                    learning_rate=rates[variant], max_grad_norm=args.max_grad_norm,
-                    lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no", report_to="none",
-                    use_cpu=True, seed=seed, data_seed=seed, logging_steps=10, disable_tqdm=True,
-                )
-                part_way = PerplexityAt(test, checkpoints)
-                seconds = train_variant((p, warmup, use_teacher), args.warmup, distill, teacher, model=model,
-                                        args=targs, train_dataset=train, callbacks=[part_way])
-                if p is not None:
-                    pack_model(model)
+                seconds, part_way = fine_tune(model, parsed, args, rates[variant], steps, seed, (train, test),
+                                              checkpoints, distill, teacher)
                 after = perplexity(model, test)
                 metrics = {"tokens": float(steps * tokens_per_step)} if curve else {}
                 metrics.update({METRIC: after, "perplexity before": before})
-                metrics.update({f"after {s * tokens_per_step} tokens": part_way.curve[s] for s in checkpoints})
+                metrics.update({f"after {s * tokens_per_step} tokens": part_way[s] for s in checkpoints})
                 if p is not None and not (warmup or use_teacher):
                     plain[p] = after
                 elif p in plain:  # for +distill: the issue's measure of distillation
@@ -225,7 +239,7 @@ def main() -> None:
                     measure(f"p={variant}" if p is not None else None, model, metrics, seconds))
                 print(f"lm {variant} seed {seed}: ppl before {before:.1f} after {after:.1f} "
                       f"({steps * tokens_per_step} tokens) "
-                      + " ".join(f"{s * tokens_per_step} tok {part_way.curve[s]:.1f}" for s in checkpoints)
+                      + " ".join(f"{s * tokens_per_step} tok {part_way[s]:.1f}" for s in checkpoints)
                       + (f" ({metrics[PLAIN_RATIO]:.2f}x lower than plain)" if PLAIN_RATIO in metrics else "")
                       + f" bits/weight {results[variant, steps][-1].bits_converted:.3f} {seconds:.0f}s", flush=True)
                 if p is None and args.teacher == "fp":

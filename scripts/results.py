@@ -65,7 +65,7 @@ class Task:
     @property
     def x_label(self) -> str:
         """What the plot's x axis shows."""
-        return self.x_metric or "bits per weight"
+        return self.x_metric or "bits per weight (converted layers)"
 
 
 def quality_parser(doc: str, several_seeds: bool = False) -> argparse.ArgumentParser:
@@ -90,12 +90,21 @@ def trainer_output_dir() -> str:
     return directory.name
 
 
+def int_list(text: str, what: str, example: str, minimum: int | None = None) -> list[int]:
+    """Comma-separated integers (each at least ``minimum``), or an argparse error naming ``what``."""
+    try:
+        values = [int(s) for s in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or (minimum is not None and min(values) < minimum):
+        bound = "" if minimum is None else f" of at least {minimum}"
+        raise argparse.ArgumentTypeError(f"{what} {text!r}: expected comma-separated integers{bound}, e.g. {example}")
+    return values
+
+
 def seed_list(text: str) -> list[int]:
     """``--seeds``: comma-separated integers."""
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    return int_list(text, "seeds", "0,1,2")
 
 
 def seeds_of(args: argparse.Namespace) -> list[int]:
@@ -353,7 +362,7 @@ def plot(task: Task, path: Path) -> None:
             ax.annotate(r.variant, (x, r.metrics[task.metric]), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel(task.x_metric or "bits per weight (converted layers)")
+    ax.set_xlabel(task.x_label)
     ax.set_ylabel(task.metric)
     ax.set_title(task.title, fontsize=9)
     ax.grid(True, alpha=0.3)

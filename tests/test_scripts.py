@@ -96,6 +96,7 @@ def test_quality_lm_quick(tmp_path: Path, smollm2_dir: Path) -> None:
     assert rows["p=4+distill"]["x lower than plain"] == pytest.approx(ratio, rel=1e-3)  # printed to 0.1
     assert task["budget"]["teacher"] == "the fp row's model after its fine-tuning"
     assert "teacher = the fp row's model" in (tmp_path / "results.md").read_text()
+    assert "scored part-way" in task["notes"]  # the quick run's 'after N tokens' column
 
 
 def test_quality_lm_token_curve_quick(tmp_path: Path, smollm2_dir: Path) -> None:
@@ -117,6 +118,15 @@ def test_quality_lm_token_curve_quick(tmp_path: Path, smollm2_dir: Path) -> None
         assert rows["p=4+distill", tokens]["x lower than plain"] == pytest.approx(ratio, rel=1e-3)
     assert printed["4", 256] != printed["4", 384]  # each budget trained on its own
     assert "against tokens](results/lm-tokens.png)" in (tmp_path / "results.md").read_text()
+    assert "scored part-way" not in task["notes"]  # no part-way columns in a curve
+
+
+@pytest.mark.parametrize("steps", ["0,60", "60,x", ""])
+def test_quality_lm_refuses_bad_steps(steps: str) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "quality_lm.py"), "--steps", steps],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"steps {steps!r}: expected comma-separated integers of at least 1" in result.stderr
 
 
 def test_quality_lm_scratch_quick(tmp_path: Path) -> None:
