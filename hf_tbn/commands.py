@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -29,6 +29,9 @@ from .cli import OneLineErrors, UserError, add_config_args, add_output_args
 from .config import TBNConfig
 from .convert import pack_model, tbn_layers, to_latent_model
 from .report import format_table
+
+if TYPE_CHECKING:
+    from .demos.train import TrainArguments
 
 # Weights in any format: the output's own weights are written by save_pretrained, and the
 # source's full-precision weights (or exports of them) must not travel with a TBN model.
@@ -241,7 +244,6 @@ def inspect(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     """Parse the train options (``TrainArguments`` + ``TrainingArguments``), fine-tune, write OUT."""
     from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .demos import train as qat
     from .qat import end_process_group
@@ -253,13 +255,7 @@ def train(args: argparse.Namespace) -> int:
     check_processes(training)
     src, data, out, checkpoints = Path(cli.src), Path(cli.data), Path(cli.out), Path(training.output_dir)
     distill = qat.distill_config(own)
-    if own.warmup is not None and not 0 <= own.warmup <= 1:
-        raise UserError(f"--warmup {own.warmup}: expected a fraction of the training steps in [0, 1]")
-    if own.block_size is not None and (own.task != "causal-lm" or own.block_size < 2):
-        raise UserError(f"--block_size {own.block_size}: expected at least 2 tokens, with --task causal-lm")
-    if own.block_size is not None and own.max_length is not None:
-        raise UserError(f"--max_length {own.max_length} and --block_size {own.block_size}: give one (blocks are "
-                        "cut from whole texts)")
+    check_train_options(own)
     teacher = [Path(own.teacher)] if own.teacher is not None and Path(own.teacher).exists() else []
     check_output(out, [src, data, checkpoints, *teacher], cli.overwrite)
     check_output(checkpoints, [src], overwrite=True)
@@ -267,12 +263,7 @@ def train(args: argparse.Namespace) -> int:
         raise UserError(f"{checkpoints}: not empty; pass --resume to continue from its last checkpoint, "
                         "or choose another --output_dir")
     config = quantization_for(src, cli)
-    resume = training.resume_from_checkpoint
-    if own.resume and resume is None:
-        resume = get_last_checkpoint(checkpoints) if checkpoints.is_dir() else None
-        # A --teacher_fine_tune teacher alone (saved or partial): QAT starts from the first step.
-        if resume is None and not (own.teacher_fine_tune and qat.teacher_begun(checkpoints)):
-            raise UserError(f"--resume: no checkpoint-* folder in {checkpoints}")
+    resume = resume_point(own, training.resume_from_checkpoint, checkpoints)
 
     # Under DDP the main process reads and tokenizes first (into the datasets cache), after every process's checks.
     with training.main_process_first(desc="data"):
@@ -316,6 +307,33 @@ def train(args: argparse.Namespace) -> int:
         pack_layers(model)
     task = "text-classification" if classify else "text-generation"
     return write_tbn(model, src, cli, tokenizer, metrics, task)
+
+
+def check_train_options(own: TrainArguments) -> None:
+    """Refuse ``hf-tbn train`` options (``TrainArguments``) out of range or in combinations it cannot honour."""
+    if own.warmup is not None and not 0 <= own.warmup <= 1:
+        raise UserError(f"--warmup {own.warmup}: expected a fraction of the training steps in [0, 1]")
+    if own.block_size is not None and (own.task != "causal-lm" or own.block_size < 2):
+        raise UserError(f"--block_size {own.block_size}: expected at least 2 tokens, with --task causal-lm")
+    if own.block_size is not None and own.max_length is not None:
+        raise UserError(f"--max_length {own.max_length} and --block_size {own.block_size}: give one (blocks are "
+                        "cut from whole texts)")
+
+
+def resume_point(own: TrainArguments, given: str | None, checkpoints: Path) -> str | None:
+    """The checkpoint Trainer resumes from: ``--resume_from_checkpoint`` (``given``) if set, with ``--resume`` the
+    last ``checkpoint-*`` under ``checkpoints``, else None (a fresh run)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .demos.train import teacher_begun
+
+    if not own.resume or given is not None:
+        return given
+    resume = get_last_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    # A --teacher_fine_tune teacher alone (saved or partial): QAT starts from the first step.
+    if resume is None and not (own.teacher_fine_tune and teacher_begun(checkpoints)):
+        raise UserError(f"--resume: no checkpoint-* folder in {checkpoints}")
+    return resume
 
 
 def check_processes(training: TrainingArguments) -> None:
