@@ -211,7 +211,10 @@ def main() -> None:
     name = "lm-tokens" if curve else "lm"
     task_name = f"{name}-validation" if args.validation else name
     title = f"SmolLM2-135M on fortunes: {split_name} perplexity" + (" against tokens" if curve else "")
-    notes = (NOTES.format(part_way=PART_WAY_NOTE if fractions else "", teacher=TEACHERS[args.teacher])
+    # the steps each budget's run is also scored after, part-way (its own last step is scored anyway)
+    part_way_steps = {steps: sorted({max(1, round(f * steps)) for f in fractions} - {steps}) for steps in budgets}
+    notes = (NOTES.format(part_way=PART_WAY_NOTE if any(part_way_steps.values()) else "",
+                          teacher=TEACHERS[args.teacher])
              + (CURVE_NOTES if curve else ""))
     results: dict[tuple[str, int], list] = {(v, s): [] for v in variants for s in budgets}  # rows: variant, budget
     for seed in seeds:
@@ -219,7 +222,7 @@ def main() -> None:
         budget.setdefault("train_blocks", []).append(len(train))  # each seed its own split
         budget["eval_tokens"] = test.ids.numel()
         for steps in budgets:
-            checkpoints = sorted({max(1, round(f * steps)) for f in fractions} - {steps})
+            checkpoints = part_way_steps[steps]
             teacher, plain = None, {}  # plain: the perplexity of each p trained without warm-up or teacher
             for variant, parsed in zip(variants, plan.parsed, strict=True):
                 p, warmup, use_teacher = parsed
