@@ -222,7 +222,7 @@ def main() -> None:
         budget.setdefault("train_blocks", []).append(len(train))  # each seed its own split
         budget["eval_tokens"] = test.ids.numel()
         for steps in budgets:
-            checkpoints = part_way_steps[steps]
+            checkpoints, tokens = part_way_steps[steps], steps * tokens_per_step
             teacher, plain = None, {}  # plain: the perplexity of each p trained without warm-up or teacher
             for variant, parsed in zip(variants, plan.parsed, strict=True):
                 p, warmup, use_teacher = parsed
@@ -231,7 +231,7 @@ def main() -> None:
                 seconds, part_way = fine_tune(model, parsed, args, rates[variant], steps, seed, (train, test),
                                               checkpoints, distill, teacher)
                 after = perplexity(model, test)
-                metrics = {"tokens": float(steps * tokens_per_step)} if curve else {}
+                metrics = {"tokens": float(tokens)} if curve else {}
                 metrics.update({METRIC: after, "perplexity before": before})
                 metrics.update({f"after {s * tokens_per_step} tokens": part_way[s] for s in checkpoints})
                 if p is not None and not (warmup or use_teacher):
@@ -241,7 +241,7 @@ def main() -> None:
                 results[variant, steps].append(
                     measure(f"p={variant}" if p is not None else None, model, metrics, seconds))
                 print(f"lm {variant} seed {seed}: ppl before {before:.1f} after {after:.1f} "
-                      f"({steps * tokens_per_step} tokens) "
+                      f"({tokens} tokens) "
                       + " ".join(f"{s * tokens_per_step} tok {part_way[s]:.1f}" for s in checkpoints)
                       + (f" ({metrics[PLAIN_RATIO]:.2f}x lower than plain)" if PLAIN_RATIO in metrics else "")
                       + f" bits/weight {results[variant, steps][-1].bits_converted:.3f} {seconds:.0f}s", flush=True)

@@ -304,7 +304,7 @@ def publish(task: Task, out: Path = DOCS, show: bool = True) -> None:
 
     Scripts publish after every variant (a stopped run keeps what it measured) and show the table once, at the end.
     """
-    task.command = task.command or shlex.join(sys.argv[1:])
+    task.command = task.command or measured_options(sys.argv[1:])
     if show:
         print(f"\n{task.title}\nbudget: {json.dumps(task.budget)}\n{format_table(task)}")
     store = out / "results"
@@ -315,6 +315,17 @@ def publish(task: Task, out: Path = DOCS, show: bool = True) -> None:
         plot(t, store / f"{t.name}.png")
     (out / "results.md").write_text(render(tasks))
     print(f"wrote {store / (task.name + '.json')} and {out / 'results.md'}")
+
+
+def measured_options(argv: Sequence[str]) -> str:
+    """The command's options without ``--out``: where the tables were written is not part of what was measured,
+    so a run into a scratch folder records the same command as one into docs/."""
+    kept, after_out = [], False
+    for arg in argv:
+        if not after_out and arg != "--out" and not arg.startswith("--out="):
+            kept.append(arg)
+        after_out = arg == "--out"
+    return shlex.join(kept)
 
 
 def load(path: Path) -> Task:

@@ -140,6 +140,8 @@ def check_published(out: Path, stdout: str, tasks: list[str], variants: int) -> 
     assert len(printed) == len(tasks) * (2 + variants)
     document = (out / "results.md").read_text()
     assert sorted(table_lines(document)) == sorted(printed)  # the document orders tasks by name
+    commands = [line for line in document.splitlines() if line.startswith("Command: ")]
+    assert len(commands) == len(tasks) and all("--quick" in c and "--out" not in c for c in commands)
     for task in tasks:
         assert (out / "results" / f"{task}.json").exists()
         assert (out / "results" / f"{task}.png").stat().st_size > 1000
