@@ -3,8 +3,8 @@
 
 1. Correctness: every kernel configuration (fp32 / bf16 / fp16, rows byte-aligned or not,
    decode and GEMM block shapes, p = 1..16, with and without bias, tile row offsets) against
-   a float64 torch reference on fresh random inputs, into a NaN-poisoned output, and the decode
-   candidate of step 2 against the same reference; then packed
+   a float64 torch reference on fresh random inputs, into a NaN-poisoned output (M = 1 runs the
+   GEMV kernel, larger M the GEMM kernel); then packed
    Linear / Conv2d layers through backend "triton" against backend "torch". Tolerances:
    fp32 1e-5, bf16 / fp16 1e-2 relative to the largest output. Any FAIL exits non-zero.
 2. Speed (CUDA only): the measured ceilings (device-to-device copy bandwidth, bf16 cuBLAS
@@ -15,13 +15,13 @@
    backend on the same GPU (the tile expanded to bf16 signs, then cuBLAS on ``out/p`` rows).
    Decode sizes (M = 1, 16) again as chains of layers on distinct weights, each chain one CUDA
    graph: a single small call measures launch latency, and a repeated one reads a cached tile.
-   Beside them a decode candidate without ``tl.dot`` (``gemv_candidate``, checked in step 1),
-   measured here before it would enter the library.
+   At M = 1 beside them the GEMM kernel's decode blocks on the same call (what the GEMV kernel replaced).
 3. A tiny Llama through a user's path on the device: ``from_pretrained`` with a ``TBNConfig``,
    ``Trainer`` steps, packed, saved, loaded again; logits of the "triton" backend against
    "torch", and ``generate``.
 4. ``--sweep`` (CUDA only): each candidate block configuration timed per shape and M (bf16,
-   p = 8), printing the heuristic's time and the best three, to tune ``triton_tbn._blocks``.
+   p = 8; M = 1 in chains, at p = 1 and 8), printing the heuristic's time and the best three, to
+   tune ``triton_tbn._blocks``.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 is set before
 triton is imported); ``--quick`` uses tiny shapes so CI can run it on CPU. On a GPU machine
@@ -43,7 +43,6 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 import hf_tbn  # noqa: E402
 from hf_tbn import tiling  # noqa: E402
@@ -52,9 +51,9 @@ from hf_tbn.kernels import torch_path, triton_tbn  # noqa: E402
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]  # (in, out): Llama-3-8B attention / MLP, Llama-70B MLP
 CHAIN_BYTES = 256 << 20  # weights streamed per timed decode chain: over 4x the H200's 60 MB L2
-# Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for --sweep: decoding (M <= 16) and GEMM sizes.
+# Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for --sweep: M = 1 (GEMV), M <= 16 and GEMM sizes.
 DECODE_BLOCKS = [(16, n, k, w, s) for n in (16, 32, 64) for k in (128, 256, 512) for w, s in ((4, 3), (4, 4), (2, 3))]
-GEMV_BLOCKS = [(n, b, 4) for n in (4, 8, 16) for b in (32, 64, 128)]  # the decode candidate's (BLOCK_N, BLOCK_B, warps)
+GEMV_BLOCKS = [(1, n, k, w, 3) for n in (4, 8, 16) for k in (1024, 2048, 4096) if n * k <= 32768 for w in (2, 4, 8)]
 GEMM_BLOCKS = [(bm, bn, k, w, s) for bm, bn in ((64, 64), (64, 128), (128, 64), (128, 128), (128, 256))
                for k in (64, 128) for w, s in ((4, 3), (8, 3), (8, 4))]
 
@@ -76,62 +75,6 @@ def reference(x, bits, alpha, bias, rows, row0=0):  # noqa: ANN001, ANN201
     t = tiling.unpack_bits(bits, bits.numel() * 8, torch.float64)[row0 * k : (row0 + rows) * k].view(rows, k)
     b = None if bias is None else bias.double()
     return tiling.tiled_outputs(x.double() @ t.t(), alpha.double(), bias=b)
-
-
-@triton.jit
-def _gemv_candidate_kernel(x_ptr, tile_ptr, alpha_ptr, out_ptr, K, ROWS, P, stride_xm, stride_om,
-                           BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Decode candidate without ``tl.dot``: one input row, ``BLOCK_N`` tile rows, ``BLOCK_B`` bytes a K step."""
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < ROWS
-    r8 = tl.arange(0, 8)
-    kb = K // 8  # rows start on bytes (K % 8 == 0)
-    acc = tl.full((BLOCK_N,), 0.0, tl.float32)
-    for b0 in range(0, kb, BLOCK_B):
-        b = b0 + tl.arange(0, BLOCK_B)
-        b_ok = b < kb
-        xv = tl.load(x_ptr + m * stride_xm + b[:, None] * 8 + r8[None, :], mask=b_ok[:, None], other=0.0)
-        byte = tl.load(tile_ptr + rn[:, None].to(tl.int64) * kb + b[None, :], mask=n_ok[:, None] & b_ok[None, :],
-                       other=0)  # (BLOCK_N, BLOCK_B)
-        bit = (byte.to(tl.int32)[:, :, None] >> r8[None, None, :]) & 1  # (BLOCK_N, BLOCK_B, 8)
-        xs = xv.to(tl.float32)[None, :, :]
-        acc += tl.sum(tl.sum(tl.where(bit != 0, xs, -xs), axis=2), axis=1)
-    for i in range(P):
-        y = acc * tl.load(alpha_ptr + i).to(tl.float32)
-        tl.store(out_ptr + m * stride_om + i * ROWS + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
-def gemv_candidate(x: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor, rows: int,
-                   blocks: tuple[int, int, int] = (8, 64, 4)) -> torch.Tensor:
-    """``(M, p * rows)`` like ``triton_tbn.tile_linear`` (no bias, no row offset, ``K % 8 == 0``, x rows
-    contiguous), by the decode candidate; ``blocks`` = (BLOCK_N, BLOCK_B, warps). Measured here before it
-    would enter the library."""
-    m, k = x.shape
-    assert k % 8 == 0 and x.stride(1) == 1, "gemv_candidate: K % 8 == 0 and contiguous rows only"
-    out = x.new_empty(m, alpha.numel() * rows)
-    block_n, block_b, warps = blocks
-    _gemv_candidate_kernel[(triton.cdiv(rows, block_n), m)](
-        x, tile, alpha, out, k, rows, alpha.numel(), x.stride(0), out.stride(0),
-        BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps,
-    )
-    return out
-
-
-def check_gemv_candidate(device: str) -> list[str]:
-    """The decode candidate against the float64 reference (rows on bytes, no bias)."""
-    failures = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for m, (k, rows), p in [(1, (64, 9), 4), (3, (1000, 77), 8), (16, (4096, 40), 2)]:
-            x, bits, alpha, _ = random_case(m, k, rows, p, dtype, device)
-            err = rel_err(gemv_candidate(x, bits, alpha, rows), reference(x, bits, alpha, None, rows))
-            ok = err < TOL[dtype]
-            print(f"gemv candidate M={m} K={k} rows={rows} p={p} {str(dtype)[6:]}: rel err {err:.2e}  "
-                  f"{'ok' if ok else 'FAIL'}")
-            if not ok:
-                failures.append(f"gemv {m} {k} {dtype}")
-    return failures
 
 
 def check_kernels(device: str, quick: bool) -> list[str]:
@@ -252,12 +195,28 @@ def chain_ms(calls: list[Callable[[], object]]) -> float:
     return median_ms(graph.replay) / len(calls)
 
 
+def distinct_tiles(d_in: int, rows: int) -> list[torch.Tensor]:
+    """Packed tiles of ``rows x d_in`` bits on distinct memory, enough for one decode chain (at least 4)."""
+    tile_bytes = rows * d_in // 8
+    n = min(4096, max(4, -(-CHAIN_BYTES // tile_bytes)))
+    return [torch.randint(0, 256, (tile_bytes,), dtype=torch.uint8, device="cuda") for _ in range(n)]
+
+
+def tbn_chain_ms(x: torch.Tensor, tiles: list[torch.Tensor], alpha: torch.Tensor, rows: int,
+                 blocks: triton_tbn.Blocks | None = None) -> float:
+    """:func:`chain_ms` of the TBN kernel over ``tiles``, with ``blocks`` in place of ``_blocks``' choice if given."""
+    calls = [lambda t=t: triton_tbn.tile_linear(x, t, alpha, None, rows) for t in tiles]
+    if blocks is None:
+        return chain_ms(calls)
+    with mock.patch.object(triton_tbn, "_blocks", lambda *_: blocks):  # the launches are recorded in the capture
+        return chain_ms(calls)
+
+
 def decode_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int]) -> list[str]:
     """Markdown table of decode-sized calls timed in chains on distinct weights; returns the target line."""
     print(f"\ndecode, chained: ms per call, each timed call one CUDA graph of layers on distinct weights "
           f"(>= {CHAIN_BYTES >> 20} MB, over 4x the L2)")
-    print("| in x out | M | p | cuBLAS bf16 ms | TBN ms | x cuBLAS | cuBLAS GB/s | TBN GB/s | GEMV candidate ms "
-          "(its best blocks) |")
+    print("| in x out | M | p | cuBLAS bf16 ms | TBN ms | x cuBLAS | cuBLAS GB/s | TBN GB/s | GEMM kernel ms (M = 1) |")
     print("|---|---|---|---|---|---|---|---|---|")
     targets = []
     for d_in, d_out in shapes:
@@ -269,18 +228,16 @@ def decode_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int]) ->
             del weights
             for p in ps:
                 rows = d_out // p
-                tile_bytes = rows * d_in // 8
-                n = min(4096, max(4, -(-CHAIN_BYTES // tile_bytes)))
-                tiles = [torch.randint(0, 256, (tile_bytes,), dtype=torch.uint8, device="cuda") for _ in range(n)]
+                tiles = distinct_tiles(d_in, rows)
                 alpha = torch.rand(p, device="cuda")
-                tbn = chain_ms([lambda t=t: triton_tbn.tile_linear(x, t, alpha, None, rows) for t in tiles])  # noqa: B023
-                gemv = {b: chain_ms([lambda t=t, b=b: gemv_candidate(x, t, alpha, rows, b) for t in tiles])  # noqa: B023
-                        for b in GEMV_BLOCKS}
-                best = min(gemv, key=gemv.get)
+                tbn = tbn_chain_ms(x, tiles, alpha, rows)
+                gemm = "-"
+                if m == 1:
+                    gemm = f"{tbn_chain_ms(x, tiles, alpha, rows, triton_tbn._blocks(2, d_in, rows, x.dtype)):.4f}"
                 io = 2 * m * (d_in + d_out)
                 print(f"| {d_in}x{d_out} | {m} | {p} | {dense:.4f} | {tbn:.4f} | {dense / tbn:.2f} | "
-                      f"{(2 * d_in * d_out + io) / dense / 1e6:.0f} | {(tile_bytes + io) / tbn / 1e6:.0f} | "
-                      f"{gemv[best]:.4f} {best} |", flush=True)
+                      f"{(2 * d_in * d_out + io) / dense / 1e6:.0f} | {(tiles[0].numel() + io) / tbn / 1e6:.0f} | "
+                      f"{gemm} |", flush=True)
                 if (d_in, d_out, m, p) == (4096, 14336, 1, 8):
                     targets.append(f"M=1 p=8 4096x14336, chained: x{dense / tbn:.2f} cuBLAS bf16 (target >= 5)")
     return targets
@@ -321,25 +278,34 @@ def speed_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int]) -> 
 
 
 def sweep(shapes: list[tuple[int, int]], ms: list[int], p: int) -> None:
-    """Times every candidate block configuration (bf16) per shape and M; prints the heuristic's and the best three."""
-    print(f"\nblock sweep, bf16, p = {p}: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) ms")
+    """Times every candidate block configuration (bf16) per shape and M; prints the heuristic's and the best three.
+
+    M = 1 (the GEMV kernel) is timed in decode chains at p = 1 and ``p``; other M as single calls at ``p``.
+    """
+    print("\nblock sweep, bf16: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) ms")
     for d_in, d_out in shapes:
-        rows = d_out // p
-        bits = tiling.pack_bits(torch.randn(rows * d_in, device="cuda"))
-        alpha = torch.rand(p, device="cuda")
         for m in ms:
             x = torch.randn(m, d_in, device="cuda", dtype=torch.bfloat16)
-            current = triton_tbn._blocks(m, rows, x.dtype)
-            timed = {}
-            for blocks in dict.fromkeys([current, *(DECODE_BLOCKS if m <= 16 else GEMM_BLOCKS)]):
-                with mock.patch.object(triton_tbn, "_blocks", lambda *_, b=blocks: b):
+            for q in (1, p) if m == 1 else (p,):
+                rows = d_out // q
+                alpha = torch.rand(q, device="cuda")
+                current = triton_tbn._blocks(m, d_in, rows, x.dtype)
+                candidates = GEMV_BLOCKS if m == 1 else DECODE_BLOCKS if m <= 16 else GEMM_BLOCKS
+                tiles = distinct_tiles(d_in, rows) if m == 1 else [tiling.pack_bits(torch.randn(rows * d_in).cuda())]
+                timed = {}
+                for blocks in dict.fromkeys([current, *candidates]):
                     try:
-                        timed[blocks] = median_ms(lambda: triton_tbn.tile_linear(x, bits, alpha, None, rows), 40)  # noqa: B023
+                        if m == 1:
+                            timed[blocks] = tbn_chain_ms(x, tiles, alpha, rows, blocks)
+                        else:
+                            with mock.patch.object(triton_tbn, "_blocks", lambda *_, b=blocks: b):
+                                timed[blocks] = median_ms(
+                                    lambda: triton_tbn.tile_linear(x, tiles[0], alpha, None, rows), 40)  # noqa: B023
                     except triton.runtime.errors.OutOfResources:
                         continue
-            best = sorted(timed, key=timed.get)[:3]
-            print(f"{d_in}x{d_out} M={m}: heuristic {current} {timed[current]:.4f}; best "
-                  + ", ".join(f"{b} {timed[b]:.4f}" for b in best), flush=True)
+                best = sorted(timed, key=timed.get)[:3]
+                print(f"{d_in}x{d_out} M={m} p={q}: heuristic {current} {timed[current]:.4f}; best "
+                      + ", ".join(f"{b} {timed[b]:.4f}" for b in best), flush=True)
 
 
 def main() -> None:
@@ -350,7 +316,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter"
     print(f"device: {name}; torch {torch.__version__}, triton {triton.__version__}")
-    failures = check_kernels(device, args.quick) + check_gemv_candidate(device) + check_layers(device)
+    failures = check_kernels(device, args.quick) + check_layers(device)
     failures += check_model(device)
     print(f"correctness: {'all ok' if not failures else f'{len(failures)} FAIL'}")
     if device == "cuda":

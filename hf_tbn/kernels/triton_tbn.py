@@ -1,10 +1,12 @@
 """Triton tile-reuse GEMM / GEMV for packed TBN layers (imported only when Triton is used).
 
-One kernel serves decoding (M = 1) and large M. Each program reads the packed bits of a
-``BLOCK_N x K`` slice of the tile, expands them to +-1 in registers, multiplies with
-``tl.dot`` into a float32 accumulator (the ``out/p`` products, computed once) and then
-writes the ``p`` scaled copies plus bias from that same accumulator: the dense layer's
-``N`` multiply-adds become ``N/p`` and the weight read is ``N/(8p)`` bytes.
+Each program reads the packed bits of a ``BLOCK_N x K`` slice of the tile, expands them to
++-1 in registers, accumulates the ``out/p`` products once in float32 and then writes the
+``p`` scaled copies plus bias from that same accumulator: the dense layer's ``N``
+multiply-adds become ``N/p`` and the weight read is ``N/(8p)`` bytes. Two kernels: for
+``M > 1`` the products go through ``tl.dot``; for one input row (decoding) the signs are
+applied to ``x`` and summed along K, with no padding of M to a 16-row dot and no layout
+conversion of the expanded bits (1.4-2.2x faster at M = 1 on an H200, docs/kernels.md "GPU").
 
 Bit order (hf_tbn.tiling): tile element ``j`` is bit ``j % 8`` of byte ``j // 8``, set = +1.
 Tile row ``n`` (of ``K`` values) starts at element ``n * K``; with ``K % 8 == 0`` every row
@@ -72,8 +74,59 @@ def _tile_linear_kernel(
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w, acc)
+    _store_copies(acc, rm, rn, m_ok, n_ok, alpha_ptr, bias_ptr, out_ptr, ROWS, P, stride_om, stride_on, HAS_BIAS)
+
+
+@triton.jit
+def _tile_gemv_kernel(
+    x_ptr, tile_ptr, alpha_ptr, bias_ptr, out_ptr,
+    M, K, ROWS, P, ROW0,
+    stride_xm, stride_xk, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One input row (``BLOCK_M == 1``) against ``BLOCK_N`` tile rows; same arguments as the GEMM kernel."""
+    rm = tl.program_id(0) + tl.arange(0, 1)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < ROWS
+    row_start = (ROW0 + rn).to(tl.int64) * K
+    x_row = x_ptr + tl.program_id(0) * stride_xm
+    acc = tl.full((BLOCK_N,), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if ALIGNED:  # BLOCK_K / 8 bytes of each row, each shifted out into its 8 signs
+            rb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            b_ok = rb < K // 8
+            r8 = tl.arange(0, 8)
+            x = tl.load(x_row + (rb[:, None] * 8 + r8[None, :]) * stride_xk, mask=b_ok[:, None], other=0.0)
+            byte = tl.load(tile_ptr + row_start[:, None] // 8 + rb[None, :], mask=n_ok[:, None] & b_ok[None, :],
+                           other=0)  # (BLOCK_N, BLOCK_K / 8)
+            bit = (byte.to(tl.int32)[:, :, None] >> r8[None, None, :]) & 1  # (BLOCK_N, BLOCK_K / 8, 8)
+            xs = x.to(tl.float32)[None, :, :]
+            acc += tl.reduce(tl.reduce(tl.where(bit != 0, xs, -xs), 2, _add), 1, _add)
+        else:
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            x = tl.load(x_row + k * stride_xk, mask=k_ok, other=0.0)
+            j = row_start[:, None] + k[None, :]  # (BLOCK_N, BLOCK_K) element indices
+            byte = tl.load(tile_ptr + j // 8, mask=n_ok[:, None] & k_ok[None, :], other=0)
+            bit = (byte.to(tl.int32) >> (j % 8).to(tl.int32)) & 1
+            xs = x.to(tl.float32)[None, :]
+            acc += tl.reduce(tl.where(bit != 0, xs, -xs), 1, _add)
+    _store_copies(acc[None, :], rm, rn, rm < M, n_ok, alpha_ptr, bias_ptr, out_ptr, ROWS, P, stride_om, stride_on,
+                  HAS_BIAS)
+
+
+@triton.jit
+def _add(a, b):  # tl.reduce's combine: tl.sum is a @jit library function, like tl.zeros above
+    return a + b
+
+
+@triton.jit
+def _store_copies(acc, rm, rn, m_ok, n_ok, alpha_ptr, bias_ptr, out_ptr, ROWS, P, stride_om, stride_on,
+                  HAS_BIAS: tl.constexpr):
+    """The ``p`` scaled copies (+ bias) of one ``(BLOCK_M, BLOCK_N)`` float32 accumulator, into ``out``."""
     mask = m_ok[:, None] & n_ok[None, :]
-    for i in range(P):  # the p copies of the block, from the one accumulator
+    for i in range(P):
         y = acc * tl.load(alpha_ptr + i).to(tl.float32)
         col = i * ROWS + rn
         if HAS_BIAS:
@@ -86,15 +139,19 @@ Blocks = tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps
 FILL_PROGRAMS = 128  # programs that keep a large GPU busy (an H200 has 132 multiprocessors)
 
 
-def _blocks(m: int, rows: int, dtype: torch.dtype) -> Blocks:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for ``M`` inputs and ``rows`` tile rows.
+def _blocks(m: int, k: int, rows: int, dtype: torch.dtype) -> Blocks:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for ``M`` inputs of ``K`` values and ``rows`` tile rows.
 
-    Chosen from sweeps on an H200 (bf16, docs/kernels.md "GPU"): the largest blocks that still give
-    ``FILL_PROGRAMS`` programs. Decoding (``M <= 16``) is latency bound: 16-row N blocks, and
-    512-long K blocks (fewer serial steps) while the rows give fewer than ``2 * FILL_PROGRAMS``
-    programs. Larger M: 128 x 128, else 128 x 64, else 64 x 64 blocks with a longer K step
-    (M = 128 ran twice as fast with them as with 128 x 128).
+    Chosen from sweeps on an H200 (bf16, docs/kernels.md "GPU"). ``BLOCK_M == 1`` (one input
+    row) selects the GEMV kernel: 4 tile rows a program, K steps of up to 4096 (at most 9% behind
+    the best of 25 configurations on each shape swept, p = 1 and 8). Otherwise the
+    largest blocks that still give ``FILL_PROGRAMS`` programs. Small M (``<= 16``) is latency bound:
+    16-row N blocks, and 512-long K blocks (fewer serial steps) while the rows give fewer than
+    ``2 * FILL_PROGRAMS`` programs. Larger M: 128 x 128, else 128 x 64, else 64 x 64 blocks with a
+    longer K step (M = 128 ran twice as fast with them as with 128 x 128).
     """
+    if m == 1:
+        return 1, 4, min(4096, triton.next_power_of_2(k)), 4, 3
     block_k = 32 if dtype == torch.float32 else 64
     if m <= 16:
         long_k = triton.cdiv(rows, 16) < 2 * FILL_PROGRAMS
@@ -106,7 +163,7 @@ def _blocks(m: int, rows: int, dtype: torch.dtype) -> Blocks:
     return 64, 64, 2 * block_k, 8, 4
 
 
-Launch = tuple[tuple[int, int], tuple, dict]  # (grid, positional arguments, keyword arguments) of a kernel launch
+Launch = tuple[JITFunction, tuple[int, int], tuple, dict]  # (kernel, grid, positional and keyword arguments)
 
 
 def _launch(
@@ -125,7 +182,7 @@ def _launch(
         out = x.new_empty(m, p * rows)
     elif out.shape != (m, p * rows):
         raise ValueError(f"triton tile_linear: out has shape {tuple(out.shape)}, expected {(m, p * rows)}")
-    block_m, block_n, block_k, warps, stages = _blocks(m, rows, x.dtype)
+    block_m, block_n, block_k, warps, stages = _blocks(m, k, rows, x.dtype)
     upcast = INTERPRETED and x.dtype == torch.bfloat16
     grid = (triton.cdiv(m, block_m), triton.cdiv(rows, block_n))
     args = (
@@ -138,7 +195,7 @@ def _launch(
         "UPCAST": upcast, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps,
         "num_stages": stages,
     }
-    return grid, args, constants
+    return (_tile_gemv_kernel if block_m == 1 else _tile_linear_kernel), grid, args, constants
 
 
 def tile_linear(
@@ -152,8 +209,8 @@ def tile_linear(
     optional ``(M, p * rows)`` destination (any strides). fp32 runs the dot in IEEE fp32. No autograd
     (see :mod:`.ops`).
     """
-    grid, args, constants = _launch(x, tile, alpha, bias, rows, row0, out)
-    _tile_linear_kernel[grid](*args, **constants)
+    kernel, grid, args, constants = _launch(x, tile, alpha, bias, rows, row0, out)
+    kernel[grid](*args, **constants)
     return args[4]
 
 
@@ -169,11 +226,10 @@ def compile_ahead(
     stage down to ``cubin`` (ptxas ships with Triton). Uses Triton internals (``create_function_from_signature``,
     ``JITFunction._pack_args``, as of Triton 3.6-3.9); needs ``TRITON_INTERPRET`` unset when Triton is imported.
     """
-    if not isinstance(_tile_linear_kernel, JITFunction):
+    kernel, _, args, constants = _launch(x, tile, alpha, bias, rows, row0, None)
+    if not isinstance(kernel, JITFunction):
         raise RuntimeError("compile_ahead: the kernel is interpreted (TRITON_INTERPRET=1); run it in a process without")
-    _, args, constants = _launch(x, tile, alpha, bias, rows, row0, None)
     backend = make_backend(target)
-    kernel = _tile_linear_kernel
     bound, specialization, extra = create_function_from_signature(kernel.signature, kernel.params, backend)(
         *args, **constants
     )
