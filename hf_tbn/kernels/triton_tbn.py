@@ -6,7 +6,7 @@ Each program reads the packed bits of a ``BLOCK_N x K`` slice of the tile, expan
 multiply-adds become ``N/p`` and the weight read is ``N/(8p)`` bytes. Two kernels: for
 ``M > 1`` the products go through ``tl.dot``; for one input row (decoding) the signs are
 applied to ``x`` and summed along K, with no padding of M to a 16-row dot and no layout
-conversion of the expanded bits (1.4-2.2x faster at M = 1 on an H200, docs/kernels.md "GPU").
+conversion of the expanded bits (1.4-3.8x faster at M = 1 on an H200, docs/kernels.md "GPU").
 
 Bit order (hf_tbn.tiling): tile element ``j`` is bit ``j % 8`` of byte ``j // 8``, set = +1.
 Tile row ``n`` (of ``K`` values) starts at element ``n * K``; with ``K % 8 == 0`` every row
