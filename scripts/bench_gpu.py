@@ -4,7 +4,7 @@
 1. Correctness: every kernel configuration (fp32 / bf16 / fp16, rows byte-aligned or not,
    decode and GEMM block shapes, p = 1..16, with and without bias, tile row offsets) against
    a float64 torch reference on fresh random inputs, into a NaN-poisoned output (M = 1 runs the
-   GEMV kernel, larger M the GEMM kernel); then packed
+   GEMV form, larger M the GEMM form); then packed
    Linear / Conv2d layers through backend "triton" against backend "torch". Tolerances:
    fp32 1e-5, bf16 / fp16 1e-2 relative to the largest output. Any FAIL exits non-zero.
 2. Speed (CUDA only): the measured ceilings (device-to-device copy bandwidth, bf16 cuBLAS
@@ -15,7 +15,7 @@
    backend on the same GPU (the tile expanded to bf16 signs, then cuBLAS on ``out/p`` rows).
    Decode sizes (M = 1, 16) again as chains of layers on distinct weights, each chain one CUDA
    graph: a single small call measures launch latency, and a repeated one reads a cached tile.
-   At M = 1 beside them the GEMM kernel's decode blocks on the same call (what the GEMV kernel replaced).
+   At M = 1 beside them the GEMM form's decode blocks on the same call (what the GEMV form replaced).
 3. A tiny Llama through a user's path on the device: ``from_pretrained`` with a ``TBNConfig``,
    ``Trainer`` steps, packed, saved, loaded again; logits of the "triton" backend against
    "torch", and ``generate``.
@@ -216,7 +216,7 @@ def decode_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int]) ->
     """Markdown table of decode-sized calls timed in chains on distinct weights; returns the target line."""
     print(f"\ndecode, chained: ms per call, each timed call one CUDA graph of layers on distinct weights "
           f"(>= {CHAIN_BYTES >> 20} MB, over 4x the L2)")
-    print("| in x out | M | p | cuBLAS bf16 ms | TBN ms | x cuBLAS | cuBLAS GB/s | TBN GB/s | GEMM kernel ms (M = 1) |")
+    print("| in x out | M | p | cuBLAS bf16 ms | TBN ms | x cuBLAS | cuBLAS GB/s | TBN GB/s | GEMM form ms (M = 1) |")
     print("|---|---|---|---|---|---|---|---|---|")
     targets = []
     for d_in, d_out in shapes:
@@ -280,7 +280,7 @@ def speed_table(shapes: list[tuple[int, int]], ms: list[int], ps: list[int]) -> 
 def sweep(shapes: list[tuple[int, int]], ms: list[int], p: int) -> None:
     """Times every candidate block configuration (bf16) per shape and M; prints the heuristic's and the best three.
 
-    M = 1 (the GEMV kernel) is timed in decode chains at p = 1 and ``p``; other M as single calls at ``p``.
+    M = 1 (the GEMV form) is timed in decode chains at p = 1 and ``p``; other M as single calls at ``p``.
     """
     print("\nblock sweep, bf16: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) ms")
     for d_in, d_out in shapes:

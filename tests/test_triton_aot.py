@@ -1,6 +1,6 @@
 """The Triton kernel compiled ahead of time for real GPUs (sm_80, sm_90) on this CPU machine, down to cubin.
 
-Every configuration :func:`hf_tbn.kernels.triton_tbn._blocks` can choose (the GEMV kernel at ``M = 1``,
+Every configuration :func:`hf_tbn.kernels.triton_tbn._blocks` can choose (the GEMV form at ``M = 1``,
 ``M <= 16``, larger ``M`` on few or many tile rows) in every activation dtype, for both targets, through
 :func:`triton_tbn.compile_ahead` (the launcher's own arguments, specialized as a launch would): a change that
 would fail to compile on a GPU fails here. Rows on bytes or not (``ALIGNED``) and bias or none alternate so that
@@ -87,7 +87,7 @@ def test_every_launch_configuration_compiles_for_sm80_and_sm90(tmp_path: Path) -
         dtype = c["job"][1]
         assert c["stages"][-2:] == ["ptx", "cubin"] and c["cubin_bytes"] > 0, c
         assert (c["warps"], c["num_stages"]) == tuple(c["blocks"][3:]), c
-        gemm = c["blocks"][0] > 1  # BLOCK_M = 1: the GEMV kernel, no dot
+        gemm = c["blocks"][0] > 1  # BLOCK_M = 1: the GEMV form, no dot
         assert c["tensor_cores"] == (gemm and dtype != "float32"), c  # fp16/bf16: mma.sync / wgmma; fp32: IEEE FMA
     layouts = {(dtype, m, rows, k % 8 == 0) for _, dtype, m, rows, k, _ in jobs}
     assert layouts == {(dtype, m, rows, aligned) for dtype, m, rows, _ in layouts for aligned in (True, False)}

@@ -3,10 +3,10 @@
 Each program reads the packed bits of a ``BLOCK_N x K`` slice of the tile, expands them to
 +-1 in registers, accumulates the ``out/p`` products once in float32 and then writes the
 ``p`` scaled copies plus bias from that same accumulator: the dense layer's ``N``
-multiply-adds become ``N/p`` and the weight read is ``N/(8p)`` bytes. Two kernels: for
-``M > 1`` the products go through ``tl.dot``; for one input row (decoding) the signs are
-applied to ``x`` and summed along K, with no padding of M to a 16-row dot and no layout
-conversion of the expanded bits (1.4-3.8x faster at M = 1 on an H200, docs/kernels.md "GPU").
+multiply-adds become ``N/p`` and the weight read is ``N/(8p)`` bytes. Two forms of the
+products in one kernel: for ``M > 1`` they go through ``tl.dot``; for one input row (decoding)
+the signs are applied to ``x`` and summed along K, with no padding of M to a 16-row dot and no
+layout conversion of the expanded bits (1.4-3.8x faster at M = 1 on an H200, docs/kernels.md "GPU").
 
 Bit order (hf_tbn.tiling): tile element ``j`` is bit ``j % 8`` of byte ``j // 8``, set = +1.
 Tile row ``n`` (of ``K`` values) starts at element ``n * K``; with ``K % 8 == 0`` every row
@@ -42,14 +42,33 @@ def _tile_linear_kernel(
     HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < ROWS
     row_start = (ROW0 + rn).to(tl.int64) * K  # tile element index of each row's first value
+    if BLOCK_M == 1:  # one input row (decoding)
+        acc = _row_products(x_ptr + tl.program_id(0) * stride_xm, stride_xk, tile_ptr, row_start, n_ok, K, ALIGNED,
+                            BLOCK_N, BLOCK_K)[None, :]
+    else:
+        acc = _block_products(x_ptr, stride_xm, stride_xk, tile_ptr, rm, m_ok, row_start, n_ok, K, ALIGNED, IEEE,
+                              UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    mask = m_ok[:, None] & n_ok[None, :]
+    for i in range(P):  # the p copies of the block, from the one accumulator
+        y = acc * tl.load(alpha_ptr + i).to(tl.float32)
+        col = i * ROWS + rn
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + col, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rm[:, None] * stride_om + col[None, :] * stride_on
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _block_products(x_ptr, stride_xm, stride_xk, tile_ptr, rm, m_ok, row_start, n_ok, K,
+                    ALIGNED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(BLOCK_M, BLOCK_N)`` float32 products of ``x`` rows ``rm`` with tile rows at ``row_start``, by ``tl.dot``."""
+    rk = tl.arange(0, BLOCK_K)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: a @jit library function, which
     # the interpreter cannot call if triton.language was imported before TRITON_INTERPRET was set
     for k0 in range(0, K, BLOCK_K):
@@ -74,23 +93,14 @@ def _tile_linear_kernel(
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w, acc)
-    _store_copies(acc, rm, rn, m_ok, n_ok, alpha_ptr, bias_ptr, out_ptr, ROWS, P, stride_om, stride_on, HAS_BIAS)
+    return acc
 
 
 @triton.jit
-def _tile_gemv_kernel(
-    x_ptr, tile_ptr, alpha_ptr, bias_ptr, out_ptr,
-    M, K, ROWS, P, ROW0,
-    stride_xm, stride_xk, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One input row (``BLOCK_M == 1``) against ``BLOCK_N`` tile rows; same arguments as the GEMM kernel."""
-    rm = tl.program_id(0) + tl.arange(0, 1)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < ROWS
-    row_start = (ROW0 + rn).to(tl.int64) * K
-    x_row = x_ptr + tl.program_id(0) * stride_xm
+def _row_products(x_row, stride_xk, tile_ptr, row_start, n_ok, K,
+                  ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(BLOCK_N,)`` float32 products of one input row with tile rows at ``row_start``: the signs applied to
+    ``x`` and summed along K (no padding to a 16-row dot, no layout change of the expanded bits)."""
     acc = tl.full((BLOCK_N,), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if ALIGNED:  # BLOCK_K / 8 bytes of each row, each shifted out into its 8 signs
@@ -112,27 +122,12 @@ def _tile_gemv_kernel(
             bit = (byte.to(tl.int32) >> (j % 8).to(tl.int32)) & 1
             xs = x.to(tl.float32)[None, :]
             acc += tl.reduce(tl.where(bit != 0, xs, -xs), 1, _add)
-    _store_copies(acc[None, :], rm, rn, rm < M, n_ok, alpha_ptr, bias_ptr, out_ptr, ROWS, P, stride_om, stride_on,
-                  HAS_BIAS)
+    return acc
 
 
 @triton.jit
 def _add(a, b):  # tl.reduce's combine: tl.sum is a @jit library function, like tl.zeros above
     return a + b
-
-
-@triton.jit
-def _store_copies(acc, rm, rn, m_ok, n_ok, alpha_ptr, bias_ptr, out_ptr, ROWS, P, stride_om, stride_on,
-                  HAS_BIAS: tl.constexpr):
-    """The ``p`` scaled copies (+ bias) of one ``(BLOCK_M, BLOCK_N)`` float32 accumulator, into ``out``."""
-    mask = m_ok[:, None] & n_ok[None, :]
-    for i in range(P):
-        y = acc * tl.load(alpha_ptr + i).to(tl.float32)
-        col = i * ROWS + rn
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + col, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + rm[:, None] * stride_om + col[None, :] * stride_on
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 Blocks = tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -143,7 +138,7 @@ def _blocks(m: int, k: int, rows: int, dtype: torch.dtype) -> Blocks:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for ``M`` inputs of ``K`` values and ``rows`` tile rows.
 
     Chosen from sweeps on an H200 (bf16, docs/kernels.md "GPU"). ``BLOCK_M == 1`` (one input
-    row) selects the GEMV kernel: 4 tile rows a program, K steps of up to 4096 (at most 9% behind
+    row) selects the GEMV form: 4 tile rows a program, K steps of up to 4096 (at most 9% behind
     the best of 25 configurations on each shape swept, p = 1 and 8). Otherwise the
     largest blocks that still give ``FILL_PROGRAMS`` programs. Small M (``<= 16``) is latency bound:
     16-row N blocks, and 512-long K blocks (fewer serial steps) while the rows give fewer than
@@ -163,7 +158,7 @@ def _blocks(m: int, k: int, rows: int, dtype: torch.dtype) -> Blocks:
     return 64, 64, 2 * block_k, 8, 4
 
 
-Launch = tuple[JITFunction, tuple[int, int], tuple, dict]  # (kernel, grid, positional and keyword arguments)
+Launch = tuple[tuple[int, int], tuple, dict]  # (grid, positional arguments, keyword arguments) of a kernel launch
 
 
 def _launch(
@@ -195,7 +190,7 @@ def _launch(
         "UPCAST": upcast, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps,
         "num_stages": stages,
     }
-    return (_tile_gemv_kernel if block_m == 1 else _tile_linear_kernel), grid, args, constants
+    return grid, args, constants
 
 
 def tile_linear(
@@ -209,8 +204,8 @@ def tile_linear(
     optional ``(M, p * rows)`` destination (any strides). fp32 runs the dot in IEEE fp32. No autograd
     (see :mod:`.ops`).
     """
-    kernel, grid, args, constants = _launch(x, tile, alpha, bias, rows, row0, out)
-    kernel[grid](*args, **constants)
+    grid, args, constants = _launch(x, tile, alpha, bias, rows, row0, out)
+    _tile_linear_kernel[grid](*args, **constants)
     return args[4]
 
 
@@ -226,10 +221,11 @@ def compile_ahead(
     stage down to ``cubin`` (ptxas ships with Triton). Uses Triton internals (``create_function_from_signature``,
     ``JITFunction._pack_args``, as of Triton 3.6-3.9); needs ``TRITON_INTERPRET`` unset when Triton is imported.
     """
-    kernel, _, args, constants = _launch(x, tile, alpha, bias, rows, row0, None)
-    if not isinstance(kernel, JITFunction):
+    if not isinstance(_tile_linear_kernel, JITFunction):
         raise RuntimeError("compile_ahead: the kernel is interpreted (TRITON_INTERPRET=1); run it in a process without")
+    _, args, constants = _launch(x, tile, alpha, bias, rows, row0, None)
     backend = make_backend(target)
+    kernel = _tile_linear_kernel
     bound, specialization, extra = create_function_from_signature(kernel.signature, kernel.params, backend)(
         *args, **constants
     )
