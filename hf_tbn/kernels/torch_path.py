@@ -20,8 +20,8 @@ BYTE_TABLE_MAX_ROWS = 4
 # Tile values expanded at once in the GEMM path: large tiles are expanded and multiplied in
 # row chunks so the expanded signs stay in cache and big allocations are not page-faulted.
 CHUNK_VALUES = 1 << 20
-# On a GPU small chunks only add launches (an H200 took 20 ms for an 8192 x 28672 tile, M = 16, in 224
-# chunks, against 0.23 ms for the Triton kernel): there chunks only bound the expanded temporary.
+# On a GPU chunks only bound the expanded temporary. They were not what made this path slow there (an H200:
+# 20 ms for an 8192 x 28672 tile, M = 16, in 224 chunks, 17.9 ms in 4, against 0.23 ms for the Triton kernel).
 GPU_CHUNK_VALUES = 1 << 26
 
 _GROUP_OFFSETS: dict[tuple[int, torch.device], torch.Tensor] = {}
