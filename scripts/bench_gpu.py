@@ -291,7 +291,10 @@ def sweep(shapes: list[tuple[int, int]], ms: list[int], p: int) -> None:
                 alpha = torch.rand(q, device="cuda")
                 current = triton_tbn._blocks(m, d_in, rows, x.dtype)
                 candidates = GEMV_BLOCKS if m == 1 else DECODE_BLOCKS if m <= 16 else GEMM_BLOCKS
-                tiles = distinct_tiles(d_in, rows) if m == 1 else [tiling.pack_bits(torch.randn(rows * d_in).cuda())]
+                if m == 1:
+                    tiles = distinct_tiles(d_in, rows)
+                else:
+                    tiles = [tiling.pack_bits(torch.randn(rows * d_in, device="cuda"))]
                 timed = {}
                 for blocks in dict.fromkeys([current, *candidates]):
                     try:

@@ -77,15 +77,10 @@ def _block_products(x_ptr, stride_xm, stride_xk, tile_ptr, rm, m_ok, row_start, 
         x_mask = m_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk, mask=x_mask, other=0.0)
         if ALIGNED:
-            rb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            b_mask = n_ok[:, None] & (rb[None, :] < K // 8)
-            byte = tl.load(tile_ptr + row_start[:, None] // 8 + rb[None, :], mask=b_mask, other=0)
-            bit = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-            bit = tl.trans(tl.reshape(bit, (BLOCK_N, BLOCK_K)))
+            bit = tl.trans(tl.reshape(_aligned_bits(tile_ptr, row_start, n_ok, k0, K, BLOCK_K), (BLOCK_N, BLOCK_K)))
         else:
             j = row_start[None, :] + k[:, None]  # (BLOCK_K, BLOCK_N) element indices
-            byte = tl.load(tile_ptr + j // 8, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            bit = (byte.to(tl.int32) >> (j % 8).to(tl.int32)) & 1
+            bit = _gathered_bits(tile_ptr, j, k_ok[:, None] & n_ok[None, :])
         if UPCAST:  # interpreter only: its tl.dot multiplies bf16 operands as raw uint16 integers
             x = x.to(tl.float32)
         w = (bit * 2 - 1).to(x.dtype)  # +-1 is exact in every activation dtype
@@ -103,14 +98,11 @@ def _row_products(x_row, stride_xk, tile_ptr, row_start, n_ok, K,
     ``x`` and summed along K (no padding to a 16-row dot, no layout change of the expanded bits)."""
     acc = tl.full((BLOCK_N,), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if ALIGNED:  # BLOCK_K / 8 bytes of each row, each shifted out into its 8 signs
+        if ALIGNED:  # x as (BLOCK_K / 8, 8), beside the bits' (BLOCK_N, BLOCK_K / 8, 8)
             rb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            b_ok = rb < K // 8
-            r8 = tl.arange(0, 8)
-            x = tl.load(x_row + (rb[:, None] * 8 + r8[None, :]) * stride_xk, mask=b_ok[:, None], other=0.0)
-            byte = tl.load(tile_ptr + row_start[:, None] // 8 + rb[None, :], mask=n_ok[:, None] & b_ok[None, :],
-                           other=0)  # (BLOCK_N, BLOCK_K / 8)
-            bit = (byte.to(tl.int32)[:, :, None] >> r8[None, None, :]) & 1  # (BLOCK_N, BLOCK_K / 8, 8)
+            x = tl.load(x_row + (rb[:, None] * 8 + tl.arange(0, 8)[None, :]) * stride_xk, mask=(rb < K // 8)[:, None],
+                        other=0.0)
+            bit = _aligned_bits(tile_ptr, row_start, n_ok, k0, K, BLOCK_K)
             xs = x.to(tl.float32)[None, :, :]
             acc += tl.reduce(tl.reduce(tl.where(bit != 0, xs, -xs), 2, _add), 1, _add)
         else:
@@ -118,11 +110,27 @@ def _row_products(x_row, stride_xk, tile_ptr, row_start, n_ok, K,
             k_ok = k < K
             x = tl.load(x_row + k * stride_xk, mask=k_ok, other=0.0)
             j = row_start[:, None] + k[None, :]  # (BLOCK_N, BLOCK_K) element indices
-            byte = tl.load(tile_ptr + j // 8, mask=n_ok[:, None] & k_ok[None, :], other=0)
-            bit = (byte.to(tl.int32) >> (j % 8).to(tl.int32)) & 1
+            bit = _gathered_bits(tile_ptr, j, n_ok[:, None] & k_ok[None, :])
             xs = x.to(tl.float32)[None, :]
             acc += tl.reduce(tl.where(bit != 0, xs, -xs), 1, _add)
     return acc
+
+
+@triton.jit
+def _aligned_bits(tile_ptr, row_start, n_ok, k0, K, BLOCK_K: tl.constexpr):
+    """``(BLOCK_N, BLOCK_K / 8, 8)`` bits (0 / 1) of values ``k0 ..`` of the tile rows starting (on bytes) at
+    ``row_start``: ``BLOCK_K / 8`` bytes of each row, each shifted out into its 8 bits."""
+    rb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    byte = tl.load(tile_ptr + row_start[:, None] // 8 + rb[None, :], mask=n_ok[:, None] & (rb[None, :] < K // 8),
+                   other=0)
+    return (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+
+
+@triton.jit
+def _gathered_bits(tile_ptr, j, mask):
+    """Bits (0 / 1) of tile elements ``j`` (any shape), each from its own byte."""
+    byte = tl.load(tile_ptr + j // 8, mask=mask, other=0)
+    return (byte.to(tl.int32) >> (j % 8).to(tl.int32)) & 1
 
 
 @triton.jit
