@@ -130,8 +130,14 @@ def test_quality_lm_refuses_bad_steps(steps: str) -> None:
 
 
 def test_quality_lm_scratch_quick(tmp_path: Path) -> None:
-    stdout = run_script("quality_lm_scratch.py", "--quick", "--out", str(tmp_path))
-    check_published(tmp_path, stdout, ["lm_scratch"], 2)
+    """A budget other than the default gets its own table; each variant trains at its own --lr, the TBN ones with
+    the --alpha-param asked for."""
+    stdout = run_script("quality_lm_scratch.py", "--quick", "--out", str(tmp_path), "--steps", "3", "--lr",
+                        "2e-3,fp=1e-3", "--alpha-param", "scalars")
+    check_published(tmp_path, stdout, ["lm_scratch-3steps"], 2)
+    budget = json.loads((tmp_path / "results" / "lm_scratch-3steps.json").read_text())["budget"]
+    assert budget["steps"] == 3 and budget["alpha_param"] == "scalars"
+    assert budget["lr"] == {"fp": 1e-3, "4+warmup+distill": 2e-3}
 
 
 def check_published(out: Path, stdout: str, tasks: list[str], variants: int) -> None:
