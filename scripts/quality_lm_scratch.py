@@ -14,7 +14,7 @@ table of its own (task ``lm_scratch-<steps>steps``), beside the default budget's
 
     .venv/bin/python scripts/quality_lm_scratch.py --seeds 0,1,2                   # full grid, writes docs/
     .venv/bin/python scripts/quality_lm_scratch.py --validation --variants fp,4 --lr 2e-3 --out /tmp/v
-    .venv/bin/python scripts/quality_lm_scratch.py --seeds 0,1,2 --steps 1200 --lr 2e-3,fp=1e-3  # own table
+    .venv/bin/python scripts/quality_lm_scratch.py --seeds 0,1,2 --steps 1200 --lr 1e-3   # its own table
     .venv/bin/python scripts/quality_lm_scratch.py --quick --out /tmp/q           # CI smoke run
 """
 
@@ -83,7 +83,8 @@ def main() -> None:
     rates = variant_rates(parser, args.lr, variants)
     layers, block = (1, 32) if args.quick else (args.layers, args.block)
     steps = args.steps or (2 if args.quick else STEPS)
-    name = "lm_scratch" + (f"-{steps}steps" if args.steps not in (None, STEPS) else "")
+    other_budget = args.steps not in (None, STEPS)  # a table of its own
+    name = "lm_scratch" + (f"-{steps}steps" if other_budget else "")
     n_eval = 4 if args.quick else args.eval_blocks
     split_name = "validation" if args.validation else "held-out"
     budget = {"layers": layers, "hidden": HIDDEN, "vocab": 256, "steps": steps, "batch_size": args.batch,
@@ -120,7 +121,7 @@ def main() -> None:
                   + (f" ({value / fp_perplexity:.3f}x fp)" if fp_perplexity else "")
                   + f"  bits/weight {results[variant][-1].bits_converted:.3f}  {seconds:.0f}s", flush=True)
             title = (f"Byte-level Llama ({layers}x{HIDDEN}) trained from scratch on fortunes: {split_name} perplexity"
-                     + (f", {steps} steps" if name != "lm_scratch" else ""))
+                     + (f", {steps} steps" if other_budget else ""))
             rows = [over_seeds(r, METRIC, False) for r in results.values() if r]
             publish(Task(f"{name}-validation" if args.validation else name, title, METRIC, False, budget,
                          rows, notes=NOTES), args.out, seed == seeds[-1] and variant == variants[-1])
